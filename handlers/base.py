@@ -1,0 +1,221 @@
+"""The handler base class: one fixed request sequence, small override points.
+
+    rows --read_input--> bytes --preprocessor.run--> tensor --forward--> outputs --postprocess--> JSON
+
+`VisionHandler.handle` owns that sequence and the per-item error isolation: a RequestError raised
+for one item (bad bytes, wrong JSON key, too many pixels...) becomes that item's 4xx JSON body
+`{"code", "type", "message"}` through `context.set_response_status(code, idx=i)`, while the other
+items of the batch are answered normally. Task handlers override `postprocess` (and, if needed,
+`forward`, `read_input` or `load_assets`); they never override `handle`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backbone import Backbone, load_backbone, warm_up
+from .config import HandlerConfig, load_handler_config
+from .errors import ConfigError, RequestError
+from .inputs import parameter_content_types, read_image_bytes
+from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
+from .runtime import apply_torch_threads, cpu_threads_per_worker, select_device
+
+
+def _import_torchserve_base() -> type:
+    # TorchServe's base_handler module sets torch's float32 matmul precision process-wide at import
+    # on Ampere+ GPUs; put back whatever the process had, so importing us changes nothing.
+    precision = torch.get_float32_matmul_precision()
+    from ts.torch_handler.base_handler import BaseHandler
+
+    torch.set_float32_matmul_precision(precision)
+    return BaseHandler
+
+
+BaseHandler = _import_torchserve_base()
+logger = logging.getLogger(__name__)
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class VisionHandler(BaseHandler):
+    """Base class for our vision handlers. Subclasses implement `postprocess`."""
+
+    #: Extra model-config keys a subclass understands, checked like the built-in ones.
+    config_class: type[HandlerConfig] = HandlerConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: HandlerConfig = HandlerConfig()
+        self.backbone: Backbone | None = None
+        self.preprocessor: Preprocessor | None = None
+        self.model_dir: Path = Path(".")
+        self.batch_size = 1
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def initialize(self, context: Any) -> None:
+        """Load config, pick the device, load + warm the model. Raises with a clear message on misconfiguration."""
+        started = time.perf_counter()
+        self.context = context
+        self.manifest = context.manifest or {}
+        properties = context.system_properties
+        self.model_dir = Path(properties.get("model_dir") or ".")
+        self.batch_size = int(properties.get("batch_size") or 1)
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        self.model_yaml_config = yaml_config
+        self.config = self.load_config(yaml_config)
+
+        self.device = select_device(properties.get("gpu_id"))
+        self.map_location = self.device.type
+        threads = cpu_threads_per_worker(self.config.threads, yaml_config)
+        apply_torch_threads(threads)
+
+        self.backbone = load_backbone(self.model_dir, self._model_file(), self.config.model, self.device)
+        self.model = self.backbone.module
+        spec = PreprocessSpec.from_config(
+            self.config.preprocess, self.device, channels_last=self.backbone.channels_last
+        )
+        if spec.dtype != self.backbone.dtype:
+            logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
+            spec = PreprocessSpec(**{**spec.__dict__, "dtype": self.backbone.dtype})
+        decode_threads = self.config.preprocess.decode_threads or threads
+        self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
+        self.load_assets(self.model_dir)
+
+        if self.config.model.warmup:
+            self._warm_up(spec)
+        self.initialized = True
+        logger.info(
+            "ready: %s, preprocess=%s (%d decode threads), torch threads=%d, batch size %d, %.1fs",
+            self.backbone.describe(), self.preprocessor.name, decode_threads, threads,
+            self.batch_size, time.perf_counter() - started,
+        )
+
+    def load_config(self, model_yaml_config: dict[str, Any]) -> HandlerConfig:
+        return load_handler_config(model_yaml_config, self.config_class)
+
+    def load_assets(self, model_dir: Path) -> None:
+        """Hook: load task files from the archive (labels, thresholds...). Default: nothing."""
+
+    def _model_file(self) -> str:
+        if self.config.model.file:
+            return self.config.model.file
+        serialized = self.manifest.get("model", {}).get("serializedFile")
+        if not serialized:
+            raise ConfigError(
+                "no model file: the archive has no serializedFile and handler.model.file is unset"
+            )
+        return serialized
+
+    def _warm_up(self, spec: PreprocessSpec) -> None:
+        assert self.backbone is not None and self.preprocessor is not None
+        # One tiny real image through the whole path first: decoders load their plugins and any
+        # mismatch between preprocess output and model input fails the load, not a request.
+        probe = self.preprocessor.run([_probe_jpeg()])
+        if probe.tensor is None:
+            raise RuntimeError(f"warm-up: the preprocess backend failed on a valid JPEG: {probe.errors[0]}")
+        with torch.inference_mode():
+            self.postprocess(self.forward(probe.tensor), [probe.geometry[0]])
+        seconds = warm_up(self.backbone, [1, self.batch_size], spec.crop_size)
+        logger.info("warm-up over batch sizes %s took %.2fs", sorted({1, self.batch_size}), seconds)
+
+    # -- the request sequence (do not override) --------------------------------------------------
+
+    def handle(self, data: list[Any], context: Any) -> list[str]:
+        started = time.perf_counter()
+        self.context = context
+        n = len(data)
+        errors: list[RequestError | None] = [None] * n
+        results: list[Any] = [None] * n
+
+        encoded: list[bytes] = []
+        owners: list[int] = []  # input index of each encoded item
+        for i, row in enumerate(data):
+            try:
+                encoded.append(self.read_input(row, i))
+                owners.append(i)
+            except RequestError as err:
+                errors[i] = err
+
+        timings: dict[str, float] = {}
+        if encoded:
+            assert self.preprocessor is not None
+            t0 = time.perf_counter()
+            batch = self.preprocessor.run(encoded)
+            timings["PreprocessTime"] = time.perf_counter() - t0
+            for k, err in enumerate(batch.errors):
+                if err is not None:
+                    errors[owners[k]] = err
+            if batch.rows:
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    outputs = self.forward(batch.tensor)
+                    item_results = self.postprocess(outputs, [batch.geometry[r] for r in batch.rows])
+                timings["InferenceTime"] = time.perf_counter() - t0
+                for r, result in zip(batch.rows, item_results, strict=True):
+                    if isinstance(result, RequestError):
+                        errors[owners[r]] = result
+                    else:
+                        results[owners[r]] = result
+
+        responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
+        self._report(context, timings, errors, started)
+        return responses
+
+    # -- override points -------------------------------------------------------------------------
+
+    def read_input(self, row: Any, idx: int) -> bytes:
+        """One request row -> encoded image bytes (raise RequestError for a bad row)."""
+        return read_image_bytes(row, self.config.inputs, parameter_content_types(self.context, idx))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """Run the backbone on a preprocessed batch (called under torch.inference_mode)."""
+        assert self.backbone is not None
+        return self.backbone(x)
+
+    def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
+        """Model outputs for the batch -> one JSON-serialisable result (or RequestError) per row."""
+        raise NotImplementedError(f"{type(self).__name__} must implement postprocess(outputs, geometry)")
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _respond(idx: int, result: Any, error: RequestError | None, context: Any) -> str:
+        if error is not None:
+            context.set_response_status(error.code, HTTPStatus(error.code).phrase, idx)
+            body = error.to_response()
+        else:
+            body = result
+        context.set_response_content_type(idx, JSON_CONTENT_TYPE)
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+    def _report(self, context: Any, timings: dict[str, float], errors: list[RequestError | None], started: float) -> None:
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            for name, seconds in timings.items():
+                metrics.add_time(name, round(seconds * 1000, 3), None, "ms")
+            failed = [e for e in errors if e is not None]
+            if failed:
+                metrics.add_counter("RequestErrors", len(failed))
+            metrics.add_counter("ImagesProcessed", len(errors) - len(failed))
+            metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 3), None, "ms")
+        except Exception:  # metrics must never fail a request
+            logger.debug("metrics reporting failed", exc_info=True)
+
+
+def _probe_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()

@@ -1,0 +1,257 @@
+"""Typed, validated handler configuration from model-config.yaml's `handler:` section.
+
+Every key has a default, so an empty section is valid. An unknown key or a bad value raises
+`ConfigError` naming the full key path, what was received and what is accepted; the handler raises
+it from `initialize`, so the model fails to load with that message instead of serving wrongly.
+
+    handler:
+      preprocess: {backend: auto, resize_size: 256, crop_size: 224}
+      classifier: {top_k: 5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PREPROCESS_BACKENDS = ("auto", "cpu", "torchvision", "dali", "cvcuda")
+MODEL_FORMATS = ("auto", "torchscript", "exported_program", "aoti", "eager")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How request rows become encoded image bytes."""
+
+    max_bytes: int = 32 * 1024 * 1024
+    """Largest encoded image accepted, after base64 decoding (413 above it)."""
+    json_keys: tuple[str, ...] = ("data", "b64")
+    """JSON body keys that may carry base64 image bytes."""
+
+    def validate(self, path: str) -> None:
+        _positive(self.max_bytes, f"{path}.max_bytes")
+        if not self.json_keys:
+            raise ConfigError(f"{path}.json_keys: needs at least one key, got an empty list")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Decode + resize shorter side + center crop + normalize, as torchvision's ImageNet eval."""
+
+    backend: str = "auto"
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    jpeg_draft: bool = True
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is much larger than needed."""
+    draft_min_ratio: float = 2.0
+    """Draft decoding keeps at least this many source pixels per output pixel (per axis)."""
+    max_image_pixels: int = 50_000_000
+    """Per-image width*height limit; above it the item is a 413 (decompression-bomb guard)."""
+    decode_threads: int = 0
+    """Threads decoding one batch in parallel; 0 = the worker's CPU budget."""
+    dtype: str = "float32"
+
+    def validate(self, path: str) -> None:
+        _choice(self.backend, PREPROCESS_BACKENDS, f"{path}.backend")
+        _positive(self.resize_size, f"{path}.resize_size")
+        _positive(self.crop_size, f"{path}.crop_size")
+        if self.crop_size > self.resize_size:
+            raise ConfigError(
+                f"{path}.crop_size: {self.crop_size} is larger than resize_size "
+                f"{self.resize_size}; the crop must fit inside the resized image"
+            )
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if len(value) != 3:
+                raise ConfigError(f"{path}.{name}: needs 3 numbers (R, G, B), got {list(value)}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"{path}.std: every value must be > 0, got {list(self.std)}")
+        _choice(self.interpolation, INTERPOLATIONS, f"{path}.interpolation")
+        if self.draft_min_ratio < 1.0:
+            raise ConfigError(
+                f"{path}.draft_min_ratio: must be >= 1.0, got {self.draft_min_ratio}"
+            )
+        _positive(self.max_image_pixels, f"{path}.max_image_pixels")
+        if self.decode_threads < 0:
+            raise ConfigError(f"{path}.decode_threads: must be >= 0, got {self.decode_threads}")
+        _choice(self.dtype, DTYPES, f"{path}.dtype")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which artifact to load and how."""
+
+    file: str = ""
+    """Artifact path inside the archive; empty = the manifest's serializedFile."""
+    format: str = "auto"
+    model_class: str = ""
+    """For format eager: 'model.py:ClassName' (the state dict is the artifact)."""
+    channels_last: bool = True
+    """Run convolutional models in channels-last layout on CPU (faster with oneDNN)."""
+    freeze: bool = True
+    """Freeze TorchScript modules at load (constant-folds weights; inference only)."""
+    warmup: bool = True
+
+    def validate(self, path: str) -> None:
+        _choice(self.format, MODEL_FORMATS, f"{path}.format")
+        if self.model_class and ":" not in self.model_class:
+            raise ConfigError(
+                f"{path}.model_class: expected 'file.py:ClassName', got {self.model_class!r}"
+            )
+        if self.format == "eager" and not self.model_class:
+            raise ConfigError(f"{path}.model_class: required when {path}.format is 'eager'")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    top_k: int = 5
+
+    def validate(self, path: str) -> None:
+        _positive(self.top_k, f"{path}.top_k")
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """The whole `handler:` section of model-config.yaml."""
+
+    threads: int = 0
+    """torch intra-op threads per worker; 0 = this worker's share of the host's CPUs."""
+    inputs: InputConfig = field(default_factory=InputConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def validate(self, path: str) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"{path}.threads: must be >= 0, got {self.threads}")
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any] | None, path: str = "handler") -> HandlerConfig:
+        """Build and validate from a parsed YAML mapping (None or {} gives the defaults)."""
+        return _build(cls, section or {}, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def load_handler_config(
+    model_yaml_config: Mapping[str, Any] | None, config_class: type[HandlerConfig] = HandlerConfig
+) -> HandlerConfig:
+    """The handler config of a whole model-config.yaml mapping (its `handler:` key).
+
+    `config_class` may be a subclass of HandlerConfig that adds a task's own section.
+    """
+    section = (model_yaml_config or {}).get("handler")
+    if section is not None and not isinstance(section, Mapping):
+        raise ConfigError(f"handler: expected a mapping of keys, got {type(section).__name__}")
+    return config_class.from_mapping(section)
+
+
+def apply_overrides(section: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` strings (values parsed as YAML) to a copy of a handler section.
+
+    >>> apply_overrides({}, ["preprocess.resize_size=320", "classifier.top_k=3"])
+    {'preprocess': {'resize_size': 320}, 'classifier': {'top_k': 3}}
+    """
+    result: dict[str, Any] = _deep_copy(section)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--config {item!r}: expected key=value, e.g. classifier.top_k=3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {item!r}: value is not valid YAML ({exc})") from None
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--config {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+# --- parsing machinery -------------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k) for k in unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+    kwargs = {name: _coerce(hints[name], data[name], f"{path}.{name}") for name in data}
+    obj = cls(**kwargs)
+    obj.validate(path)
+    return obj
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if typing.get_origin(hint) is tuple:
+        (item_hint, _) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"config field {path} has an unsupported type {hint!r}")  # our bug, not user's
+
+
+def _positive(value: int, path: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{path}: must be > 0, got {value}")
+
+
+def _choice(value: str, choices: tuple[str, ...], path: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _deep_copy(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in section.items()}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value

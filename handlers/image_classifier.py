@@ -1,0 +1,82 @@
+"""Image classification: softmax top-k, mapped through the archive's `index_to_name.json`.
+
+Response body for each request (200):
+
+    {"predictions": [{"index": 281, "label": "tabby", "probability": 0.8731}, ...]}
+
+sorted by probability, `handler.classifier.top_k` entries (default 5; fewer if the model has fewer
+classes). `label` is the index as a string when the archive has no label for it.
+`index_to_name.json` maps class index -> name, either `{"0": "tench"}` or the ImageNet form
+`{"0": ["n01440764", "tench"]}` (the last element is used).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import VisionHandler
+from .errors import ConfigError
+from .preprocess import Geometry
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "index_to_name.json"
+
+
+def load_labels(path: Path) -> dict[int, str]:
+    """Read an index -> name mapping; {} when the file is absent. Raises ConfigError if malformed."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path.name}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path.name}: expected a JSON object {{\"0\": \"name\", ...}}, got {type(raw).__name__}")
+    labels: dict[int, str] = {}
+    for key, value in raw.items():
+        try:
+            index = int(key)
+        except ValueError:
+            raise ConfigError(f"{path.name}: key {key!r} is not a class index") from None
+        if isinstance(value, list) and value:
+            value = value[-1]
+        if not isinstance(value, str):
+            raise ConfigError(f"{path.name}: label for {key!r} must be a string, got {value!r}")
+        labels[index] = value
+    return labels
+
+
+class ImageClassifier(VisionHandler):
+    """Top-k classifier over a model that returns logits [N, num_classes]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: dict[int, str] = {}
+
+    def load_assets(self, model_dir: Path) -> None:
+        self.labels = load_labels(model_dir / LABELS_FILE)
+        if not self.labels:
+            logger.warning("%s not found in the archive: labels will be class indices", LABELS_FILE)
+
+    def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
+        logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise RuntimeError(f"image classifier expects logits of shape [N, classes], the model returned {shape}")
+        k = min(self.config.classifier.top_k, logits.shape[1])
+        probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
+        results = []
+        for row_probs, row_indices in zip(probs.cpu().tolist(), indices.cpu().tolist()):
+            results.append({
+                "predictions": [
+                    {"index": i, "label": self.labels.get(i, str(i)), "probability": round(p, 6)}
+                    for p, i in zip(row_probs, row_indices)
+                ]
+            })
+        return results

@@ -1,0 +1,145 @@
+"""Preprocess backends: encoded image bytes -> one model-ready tensor, per-item geometry and errors.
+
+Every backend module (`cpu`, later `torchvision_gpu`, `dali`, `cvcuda`) exposes the same names:
+
+    NAME: str
+    availability(device) -> str | None     # None when usable, else why not (with an install hint)
+    create(spec, threads) -> Preprocessor  # an object with run(items) -> Batch and close()
+
+and meets the same numerical contract against the CPU reference (torchvision's
+Resize(resize_size, antialias=True) -> CenterCrop(crop_size) -> ToTensor -> Normalize).
+`create_preprocessor(name, spec, threads)` picks one; `auto` takes the best available on the device.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..config import PreprocessConfig
+from ..errors import ConfigError, RequestError
+
+# Best first: `auto` takes the first one available on the worker's device.
+_BACKEND_MODULES = {
+    "cpu": "handlers.preprocess.cpu",
+}
+_AUTO_ORDER_GPU: tuple[str, ...] = ()
+_AUTO_ORDER_CPU = ("cpu",)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the model needs: output geometry, normalisation, dtype, device and memory layout."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    channels_last: bool = False
+    jpeg_draft: bool = True
+    draft_min_ratio: float = 2.0
+    max_image_pixels: int = 50_000_000
+
+    @classmethod
+    def from_config(
+        cls, cfg: PreprocessConfig, device: torch.device, channels_last: bool = False
+    ) -> PreprocessSpec:
+        return cls(
+            resize_size=cfg.resize_size,
+            crop_size=cfg.crop_size,
+            mean=tuple(cfg.mean),
+            std=tuple(cfg.std),
+            interpolation=cfg.interpolation,
+            dtype=_DTYPES[cfg.dtype],
+            device=device,
+            channels_last=channels_last,
+            jpeg_draft=cfg.jpeg_draft,
+            draft_min_ratio=cfg.draft_min_ratio,
+            max_image_pixels=cfg.max_image_pixels,
+        )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one item's output pixels map back to its original (EXIF-oriented) pixels.
+
+    The image of `original_size` was resized to `resized_size`, then `crop_box` (left, top, right,
+    bottom, in resized pixels) was cut out as the model input.
+    """
+
+    original_size: tuple[int, int]  # (width, height)
+    resized_size: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    source_format: str = ""
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Resized pixels per original pixel, (x, y)."""
+        return (
+            self.resized_size[0] / self.original_size[0],
+            self.resized_size[1] / self.original_size[1],
+        )
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """Map a point in model-input pixels to original image pixels."""
+        sx, sy = self.scale
+        return ((x + self.crop_box[0]) / sx, (y + self.crop_box[1]) / sy)
+
+
+@dataclass
+class Batch:
+    """A backend's result for N input items.
+
+    `tensor` holds one row per successful item, in input order; `rows[k]` is the input index of row
+    k. `geometry[i]` and `errors[i]` are per input item (exactly one of them is None).
+    """
+
+    tensor: torch.Tensor | None
+    rows: list[int]
+    geometry: list[Geometry | None]
+    errors: list[RequestError | None]
+
+
+class Preprocessor(Protocol):
+    name: str
+
+    def run(self, items: list[bytes]) -> Batch: ...
+
+    def close(self) -> None: ...
+
+
+def backend_module(name: str):
+    if name not in _BACKEND_MODULES:
+        known = ", ".join(["auto", *_BACKEND_MODULES])
+        raise ConfigError(
+            f"handler.preprocess.backend: {name!r} is not available in this version "
+            f"(known: {known})"
+        )
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend to use for `name` on `device`; raises ConfigError naming why one is unusable."""
+    if name != "auto":
+        reason = backend_module(name).availability(device)
+        if reason is not None:
+            raise ConfigError(f"handler.preprocess.backend: {name!r} cannot run here: {reason}")
+        return name
+    order = _AUTO_ORDER_GPU + _AUTO_ORDER_CPU if device.type == "cuda" else _AUTO_ORDER_CPU
+    for candidate in order:
+        if backend_module(candidate).availability(device) is None:
+            return candidate
+    raise ConfigError("handler.preprocess.backend: no preprocess backend is available")
+
+
+def create_preprocessor(name: str, spec: PreprocessSpec, threads: int) -> Preprocessor:
+    chosen = resolve_backend(name, spec.device)
+    return backend_module(chosen).create(spec, threads)

@@ -1,0 +1,234 @@
+"""CPU preprocess backend: Pillow decode, fused resize+crop, vectorised normalise.
+
+The fast path, per item (threads decode the items of a batch in parallel; Pillow releases the GIL):
+  1. open with an allow-list of formats; refuse oversized images from the header, before decoding;
+  2. JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling) when the image is
+     much larger than needed, keeping at least `draft_min_ratio` source pixels per output pixel;
+  3. apply EXIF orientation, convert any mode (gray, CMYK, palette, alpha, 16-bit) to RGB;
+  4. resize only the region that survives the center crop (Pillow's `box`), straight to crop size:
+     the same filter and the same pixels as torchvision's Resize + CenterCrop, without computing the
+     discarded border;
+then the whole batch is converted to float and normalised in one vectorised op.
+
+Numerical contract (asserted by tests/unit/test_preprocess_cpu.py on real photos): without draft
+decoding the output equals torchvision's PIL reference exactly; with it (the default) the mean
+absolute difference stays under 0.02 and the max under 0.35 in normalised units.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
+from . import Batch, Geometry, PreprocessSpec
+
+NAME = "cpu"
+logger = logging.getLogger(__name__)
+
+# Formats accepted from clients. An allow-list keeps Pillow from trying every plugin it has on
+# hostile bytes (EPS, for one, would run Ghostscript). MPO is the JPEG variant many phones write.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+# EXIF orientation tag value -> the transpose that undoes it (as PIL.ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def availability(device: torch.device) -> str | None:
+    """Always usable: the output is moved to `device` when that is a GPU."""
+    return None
+
+
+def create(spec: PreprocessSpec, threads: int) -> CpuPreprocessor:
+    return CpuPreprocessor(spec, threads)
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's Resize(size) output for a (width, height) image: shorter side -> size."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
+    """torchvision's CenterCrop(crop) box (left, top, right, bottom) in a (width, height) image."""
+    left = int(round((width - crop) / 2.0))
+    top = int(round((height - crop) / 2.0))
+    return left, top, left + crop, top + crop
+
+
+class CpuPreprocessor:
+    """Decodes and preprocesses a batch on CPU threads; output goes to `spec.device`."""
+
+    name = NAME
+
+    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
+        self.spec = spec
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
+        self._resample = _RESAMPLE[spec.interpolation]
+        std = torch.tensor(spec.std, dtype=torch.float32)
+        mean = torch.tensor(spec.mean, dtype=torch.float32)
+        # x_norm = (x/255 - mean)/std = x * scale - shift, in one multiply and one subtract.
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(spec.dtype)
+        self._shift = (mean / std).view(1, 3, 1, 1).to(spec.dtype)
+        self._buffer = torch.empty((0, spec.crop_size, spec.crop_size, 3), dtype=torch.uint8)
+
+    # -- public interface ------------------------------------------------------------------------
+
+    def run(self, items: list[bytes]) -> Batch:
+        n = len(items)
+        buffer = self._ensure_buffer(n)
+        slots = buffer.numpy()
+
+        def work(i: int) -> Geometry | RequestError:
+            try:
+                return decode_into(items[i], self.spec, self._resample, slots[i])
+            except RequestError as err:
+                return err
+
+        results = list(self._pool.map(work, range(n))) if self._pool and n > 1 else [work(i) for i in range(n)]
+
+        geometry: list[Geometry | None] = [r if isinstance(r, Geometry) else None for r in results]
+        errors: list[RequestError | None] = [r if isinstance(r, RequestError) else None for r in results]
+        rows = [i for i, g in enumerate(geometry) if g is not None]
+        tensor = self._normalise(buffer, rows) if rows else None
+        return Batch(tensor=tensor, rows=rows, geometry=geometry, errors=errors)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _ensure_buffer(self, n: int) -> torch.Tensor:
+        if self._buffer.shape[0] < n:
+            crop = self.spec.crop_size
+            # Reused across batches: the float tensor below is a new allocation, so the next
+            # batch may overwrite this one as soon as run() returns.
+            self._buffer = torch.empty((n, crop, crop, 3), dtype=torch.uint8)
+        return self._buffer
+
+    def _normalise(self, buffer: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        contiguous_rows = rows[-1] == len(rows) - 1  # rows are sorted and unique
+        hwc = buffer[: len(rows)] if contiguous_rows else buffer[rows]
+        # NHWC uint8 viewed as NCHW is already channels-last; only copy when the model wants NCHW.
+        nchw = hwc.permute(0, 3, 1, 2)
+        if not self.spec.channels_last:
+            nchw = nchw.contiguous()
+        x = nchw.to(device=self.spec.device, dtype=self.spec.dtype, non_blocking=True)
+        scale, shift = self._scale.to(x.device), self._shift.to(x.device)
+        return x.mul_(scale).sub_(shift)
+
+
+def decode_into(data: bytes, spec: PreprocessSpec, resample: int, out: np.ndarray) -> Geometry:
+    """Decode one encoded image and write its preprocessed crop (H, W, 3 uint8) into `out`.
+
+    Raises a RequestError subclass for anything wrong with the bytes; never anything else for bad
+    input (the fuzz tests hold it to that).
+    """
+    if not data:
+        raise InvalidInput("empty image: the request carried no bytes")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"image has too many pixels: {exc}") from None
+    except Exception as exc:  # Pillow raises many types for unrecognised bytes
+        raise UnsupportedMediaType(
+            f"not a supported image format ({len(data)} bytes starting {data[:8]!r}); "
+            f"accepted: JPEG, PNG, WebP, GIF, BMP, TIFF"
+        ) from exc
+    with image:
+        fmt = image.format or ""
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidInput(f"{fmt} image has an empty size {width}x{height}")
+        if width * height > spec.max_image_pixels:
+            raise PayloadTooLarge(
+                f"{fmt} image is {width}x{height} = {width * height} pixels; this model accepts "
+                f"at most {spec.max_image_pixels} (handler.preprocess.max_image_pixels)"
+            )
+        try:
+            return _decode_checked(image, fmt, spec, resample, out)
+        except RequestError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise PayloadTooLarge(f"image has too many pixels: {exc}") from None
+        except Exception as exc:
+            raise InvalidInput(f"could not decode {fmt or 'image'} data: {exc}") from exc
+
+
+def _decode_checked(
+    image: Image.Image, fmt: str, spec: PreprocessSpec, resample: int, out: np.ndarray
+) -> Geometry:
+    width, height = image.size  # stored orientation
+    size = spec.resize_size
+    if spec.jpeg_draft and fmt in ("JPEG", "MPO"):
+        scale = size * spec.draft_min_ratio / min(width, height)
+        if scale < 0.5:  # libjpeg can reduce by 2, 4 or 8 at least; draft picks the largest that fits
+            image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+    image.load()
+    orientation = _orientation(image)
+    if orientation in _ORIENTATION:
+        image = image.transpose(_ORIENTATION[orientation])
+        if orientation >= 5:  # 90-degree turns swap the axes
+            width, height = height, width
+    image = _to_rgb(image)
+
+    resized_w, resized_h = resized_size(width, height, size)
+    box = center_crop_box(resized_w, resized_h, spec.crop_size)
+    # The decoded image may be smaller than the original (draft); map the crop box into its pixels.
+    sx, sy = image.size[0] / resized_w, image.size[1] / resized_h
+    src_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    crop = image.resize((spec.crop_size, spec.crop_size), resample, box=src_box)
+    out[...] = np.asarray(crop)
+    return Geometry(
+        original_size=(width, height),
+        resized_size=(resized_w, resized_h),
+        crop_box=box,
+        source_format=fmt,
+    )
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block is no reason to refuse the picture
+        return 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # Pillow's convert() clips high-bit-depth values at 255; scale them down instead.
+        arr = np.asarray(image)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(arr.astype(np.float32) * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    # L, LA, P, PA, RGBA, CMYK, YCbCr, 1...: Pillow converts (alpha dropped, as torchvision's
+    # reference `convert("RGB")` does).
+    return image.convert("RGB")
