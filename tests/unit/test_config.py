@@ -1,0 +1,78 @@
+"""model-config.yaml `handler:` section: defaults, strict keys, clear messages, overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from handlers.config import HandlerConfig, apply_overrides, load_handler_config
+from handlers.errors import ConfigError
+
+
+def test_empty_section_gives_defaults():
+    cfg = load_handler_config({"batchSize": 8})
+    assert cfg == HandlerConfig()
+    assert cfg.preprocess.resize_size == 256 and cfg.preprocess.crop_size == 224
+    assert cfg.classifier.top_k == 5 and cfg.preprocess.backend == "auto"
+
+
+def test_values_are_read_and_typed():
+    cfg = HandlerConfig.from_mapping({
+        "threads": 2,
+        "preprocess": {"resize_size": 320, "crop_size": 288, "mean": [0.5, 0.5, 0.5], "draft_min_ratio": 3},
+        "classifier": {"top_k": 1},
+    })
+    assert cfg.threads == 2 and cfg.preprocess.resize_size == 320
+    assert cfg.preprocess.mean == (0.5, 0.5, 0.5) and cfg.preprocess.draft_min_ratio == 3.0
+    assert cfg.classifier.top_k == 1
+
+
+@pytest.mark.parametrize("section,fragments", [
+    ({"preprocess": {"resize": 256}}, ["handler.preprocess", "'resize'", "resize_size"]),
+    ({"topk": 3}, ["handler:", "'topk'", "classifier"]),
+    ({"preprocess": {"resize_size": "big"}}, ["handler.preprocess.resize_size", "integer", "'big'"]),
+    ({"preprocess": {"resize_size": True}}, ["handler.preprocess.resize_size", "integer"]),
+    ({"preprocess": {"crop_size": 300}}, ["crop_size", "300", "resize_size"]),
+    ({"preprocess": {"backend": "opencv"}}, ["handler.preprocess.backend", "'opencv'", "cpu"]),
+    ({"preprocess": {"mean": [0.5, 0.5]}}, ["handler.preprocess.mean", "3 numbers"]),
+    ({"preprocess": {"std": [1, 0, 1]}}, ["handler.preprocess.std", "> 0"]),
+    ({"classifier": {"top_k": 0}}, ["handler.classifier.top_k", "> 0", "0"]),
+    ({"model": {"format": "eager"}}, ["handler.model.model_class", "required"]),
+    ({"model": {"model_class": "Net"}}, ["handler.model.model_class", "file.py:ClassName"]),
+    ({"inputs": {"max_bytes": -1}}, ["handler.inputs.max_bytes", "> 0"]),
+    ({"preprocess": "fast"}, ["handler.preprocess", "mapping", "'fast'"]),
+])
+def test_bad_config_names_key_and_value(section, fragments):
+    with pytest.raises(ConfigError) as info:
+        HandlerConfig.from_mapping(section)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_handler_section_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="handler: expected a mapping"):
+        load_handler_config({"handler": [1, 2]})
+
+
+def test_overrides_set_nested_keys_with_yaml_values():
+    section = {"preprocess": {"backend": "cpu"}}
+    out = apply_overrides(section, ["preprocess.resize_size=320", "classifier.top_k=3", "preprocess.jpeg_draft=false"])
+    assert out == {"preprocess": {"backend": "cpu", "resize_size": 320, "jpeg_draft": False}, "classifier": {"top_k": 3}}
+    assert section == {"preprocess": {"backend": "cpu"}}  # input untouched
+    cfg = HandlerConfig.from_mapping(out)
+    assert cfg.preprocess.jpeg_draft is False and cfg.classifier.top_k == 3
+
+
+@pytest.mark.parametrize("item,fragment", [
+    ("classifier.top_k", "expected key=value"),
+    ("=3", "expected key=value"),
+    ("preprocess.backend.x=1", "is a value, not a section"),
+])
+def test_bad_overrides(item, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        apply_overrides({"preprocess": {"backend": "cpu"}}, [item])
+
+
+def test_to_dict_round_trips():
+    cfg = HandlerConfig.from_mapping({"classifier": {"top_k": 2}})
+    assert HandlerConfig.from_mapping(cfg.to_dict()) == cfg

@@ -1,0 +1,179 @@
+"""ImageClassifier through FakeContext: every model format, top-k against the reference, per-item errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from archiver_scripts import samples
+from handlers.errors import ConfigError, ModelLoadError
+from handlers.image_classifier import ImageClassifier
+from handlers.testing import FakeContext, b64, json_request, multipart_request, raw_request, run_handler
+from tests import models
+from tests.reference import reference_batch
+
+
+@pytest.fixture(scope="module")
+def jpegs():
+    out = {name: samples.encode(arr, "JPEG", quality=90) for name, arr in samples.photos().items()}
+    out["1080p"] = samples.encode(samples.mosaic(1920, 1080), "JPEG", quality=90)
+    return out
+
+
+def make_handler(model_dir, serialized_file, handler_config=None, batch_size=4):
+    ctx = FakeContext(model_dir, serialized_file=serialized_file, handler_config=handler_config or {},
+                      batch_size=batch_size, model_yaml_config={"minWorkers": 1, "maxWorkers": 1})
+    handler = ImageClassifier()
+    handler.initialize(ctx)
+    return handler, ctx
+
+
+def expected_topk(reference_model, items, k):
+    with torch.no_grad():
+        probs = torch.softmax(reference_model(reference_batch(items)), dim=1)
+    p, i = probs.topk(k, dim=1)
+    return p, i
+
+
+FORMATS = [
+    ("model.pt", {}, "torchscript"),
+    ("model_ep.pt2", {}, "exported_program"),
+    ("weights.pt", {"model": {"model_class": "model.py:TinyClassifier"}}, "eager"),
+]
+
+
+@pytest.mark.parametrize("serialized,handler_config,fmt", FORMATS)
+def test_topk_matches_reference_for_every_format(model_dir, reference_model, jpegs, serialized, handler_config, fmt):
+    config = {**handler_config, "preprocess": {"jpeg_draft": False}, "classifier": {"top_k": 3}}
+    handler, ctx = make_handler(model_dir, serialized, config)
+    assert handler.backbone.format == fmt
+    items = list(jpegs.values())
+    responses = run_handler(handler, ctx, [raw_request(d) for d in items])
+    p, i = expected_topk(reference_model, items, 3)
+    for n, response in enumerate(responses):
+        assert response.status == 200 and response.content_type == "application/json"
+        preds = response.body["predictions"]
+        assert [x["index"] for x in preds] == i[n].tolist()
+        assert [x["label"] for x in preds] == [f"class_{j}" for j in i[n].tolist()]
+        assert [x["probability"] for x in preds] == pytest.approx(p[n].tolist(), abs=1e-4)
+    # the model's outputs are not degenerate: the photos get different answers
+    assert len({r.body["predictions"][0]["index"] for r in responses}) > 1
+
+
+def test_default_fast_path_agrees_with_reference(model_dir, reference_model, jpegs):
+    handler, ctx = make_handler(model_dir, "model.pt", {"classifier": {"top_k": 1}})
+    items = list(jpegs.values())
+    responses = run_handler(handler, ctx, [raw_request(d) for d in items])
+    p, i = expected_topk(reference_model, items, 1)
+    for n, r in enumerate(responses):
+        assert r.body["predictions"][0]["index"] == i[n, 0].item()
+        assert r.body["predictions"][0]["probability"] == pytest.approx(p[n, 0].item(), abs=0.05)
+
+
+@pytest.mark.slow
+def test_aoti_package(model_dir, reference_model, jpegs, tmp_path):
+    ep = torch.export.load(str(model_dir / "model_ep.pt2"))
+    directory = tmp_path / "aoti"
+    shutil.copytree(model_dir, directory)
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(directory / "model_aoti.pt2"))
+    handler, ctx = make_handler(directory, "model_aoti.pt2", {"preprocess": {"jpeg_draft": False}})
+    assert handler.backbone.format == "aoti"
+    items = [jpegs["chelsea"], jpegs["coffee"], jpegs["1080p"]]
+    responses = run_handler(handler, ctx, [raw_request(d) for d in items])
+    p, i = expected_topk(reference_model, items, 5)
+    for n, r in enumerate(responses):
+        assert [x["index"] for x in r.body["predictions"]] == i[n].tolist()
+
+
+def test_mixed_batch_each_request_gets_its_own_status(model_dir, jpegs):
+    handler, ctx = make_handler(model_dir, "model.pt", batch_size=8)
+    good = jpegs["chelsea"]
+    requests = [
+        raw_request(good),
+        raw_request(b""),
+        json_request({"data": "%%%not-base64%%%"}),
+        json_request({"data": b64(good)}),
+        json_request({"url_wrong_key": b64(good)}),
+        raw_request(b"GIF89a truncated"),  # too short to even identify: 415
+        multipart_request({"data": good}),
+        raw_request(good[:2000]),
+    ]
+    responses = run_handler(handler, ctx, requests)
+    assert [r.status for r in responses] == [200, 400, 400, 200, 400, 415, 200, 400]
+    for r in responses:
+        if r.status != 200:
+            assert set(r.body) == {"code", "type", "message"} and r.body["code"] == r.status
+            assert r.body["message"]
+    # the good ones agree with each other whichever way they came in
+    assert responses[0].body == responses[3].body == responses[6].body
+    counters = {c.name: c.value for c in ctx.metrics.calls if c.kind == "counter"}
+    assert counters == {"RequestErrors": 5, "ImagesProcessed": 3}
+    assert ctx.metrics.values("PreprocessTime") and ctx.metrics.values("InferenceTime")
+
+
+def test_all_bad_batch_never_reaches_the_model(model_dir):
+    handler, ctx = make_handler(model_dir, "model.pt")
+    responses = run_handler(handler, ctx, [raw_request(b""), raw_request(b"nope")])
+    assert [r.status for r in responses] == [400, 415]
+    assert ctx.metrics.values("InferenceTime") == []
+
+
+def test_unknown_config_key_fails_model_load(model_dir):
+    with pytest.raises(ConfigError, match="handler.classifier: unknown key 'topk'"):
+        make_handler(model_dir, "model.pt", {"classifier": {"topk": 3}})
+
+
+def test_state_dict_without_model_class_fails_clearly(model_dir):
+    with pytest.raises(ConfigError, match="model_class"):
+        make_handler(model_dir, "weights.pt")
+
+
+def test_format_mismatch_fails_clearly(model_dir):
+    with pytest.raises(ConfigError, match="'torchscript' but model_ep.pt2 is a exported_program"):
+        make_handler(model_dir, "model_ep.pt2", {"model": {"format": "torchscript"}})
+
+
+def test_missing_model_file(model_dir):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        make_handler(model_dir, "nope.pt")
+
+
+def test_threads_follow_workers(model_dir, monkeypatch):
+    import handlers.runtime as runtime
+
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 8)
+    before = torch.get_num_threads()
+    try:
+        ctx = FakeContext(model_dir, serialized_file="model.pt", handler_config={},
+                          model_yaml_config={"minWorkers": 4, "maxWorkers": 4})
+        handler = ImageClassifier()
+        handler.initialize(ctx)
+        assert torch.get_num_threads() == 2
+        assert handler.preprocessor.threads == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_top_k_larger_than_classes_is_clamped(model_dir, jpegs):
+    handler, ctx = make_handler(model_dir, "model.pt", {"classifier": {"top_k": 50}})
+    (r,) = run_handler(handler, ctx, [raw_request(jpegs["coffee"])])
+    assert len(r.body["predictions"]) == models.NUM_CLASSES
+    assert sum(x["probability"] for x in r.body["predictions"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_import_has_no_process_wide_side_effects():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; t = torch.get_num_threads(); p = torch.get_float32_matmul_precision();"
+        "from PIL import Image; px = Image.MAX_IMAGE_PIXELS;"
+        "import handlers.image_classifier, handlers.preprocess.cpu;"
+        "assert torch.get_num_threads() == t and torch.get_float32_matmul_precision() == p;"
+        "assert Image.MAX_IMAGE_PIXELS == px; print('clean')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "clean" in out.stdout
