@@ -94,9 +94,10 @@ class VisionHandler(BaseHandler):
             self._warm_up(spec)
         self.initialized = True
         logger.info(
-            "ready: %s, preprocess=%s (%d decode threads), torch threads=%d, batch size %d, %.1fs",
+            "ready: %s, preprocess=%s (%d decode threads), torch threads=%d, batch size %d, "
+            "handlers from %s, %.1fs",
             self.backbone.describe(), self.preprocessor.name, decode_threads, threads,
-            self.batch_size, time.perf_counter() - started,
+            self.batch_size, Path(__file__).parent, time.perf_counter() - started,
         )
 
     def load_config(self, model_yaml_config: dict[str, Any]) -> HandlerConfig:

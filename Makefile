@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh Debian/Ubuntu machine with Python 3.10-3.12:
+#   make demo   - build a demo archive into model_store/, serve it with stock torchserve, query it
+#   make test   - unit tests and end-to-end tests against a real torchserve on loopback
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, pinned: on the reference machines these wheels come from a local cache. Override
+# for another platform, e.g. make test TORCH_SPEC="torch==2.9.1 torchvision==0.24.1".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tsgpu-installed
+
+.PHONY: demo test bench clean help
+
+help:
+	@echo "make demo   - demo classifier end to end through a real torchserve"
+	@echo "make test   - all tests (unit + end-to-end)"
+	@echo "make bench  - serving benchmark: our handler vs TorchServe's stock handler"
+	@echo "make clean  - remove .venv and built archives"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if (3, 10) <= v[:2] <= (3, 12) else "Python 3.10-3.12 is required, found %d.%d: set PYTHON=python3.11 (for example)" % v[:2])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tsgpu demo --model-store model_store
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet captum  # TorchServe's stock vision handler imports it
+	$(PY) benchmarks/serving.py
+
+clean:
+	rm -rf $(VENV) model_store/*.mar model_store/.*-build .pytest_cache
