@@ -1,0 +1,175 @@
+"""Serving benchmark: our ImageClassifier vs TorchServe's stock `image_classifier`, in one run.
+
+Same TorchScript MobileNetV3-small, same 1080p JPEGs, same server settings (2 workers, batchSize 8,
+maxBatchDelay 10 ms), a real stock torchserve on loopback, a closed-loop client. The stock handler
+runs twice (default threading and OMP_NUM_THREADS=1) and our handler is compared with the better of
+the two. Prints QPS, p50, p99, errors, server CPU per request, and the ratios.
+
+    python benchmarks/serving.py [--duration 30] [--concurrency 32] [--json results.json]
+
+Needs captum for the stock handler (TorchServe's vision handler imports it): `make bench` installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from archiver_scripts import samples  # noqa: E402
+from archiver_scripts.archive import build_archive  # noqa: E402
+from archiver_scripts.server import TorchServe  # noqa: E402
+from benchmarks.loadgen import run_load  # noqa: E402
+
+BATCH_SIZE, WORKERS, BATCH_DELAY_MS = 8, 2, 10
+
+
+def make_model(workdir: Path) -> tuple[Path, Path]:
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=1000).eval()  # random weights: speed only
+    path = workdir / "mobilenet_v3_small.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    labels = workdir / "index_to_name.json"
+    labels.write_text(json.dumps({str(i): f"class_{i}" for i in range(1000)}))
+    return path, labels
+
+
+def make_images(count: int, quality: int) -> list[bytes]:
+    return [samples.encode(samples.mosaic(1920, 1080, offset=i), "JPEG", quality=quality) for i in range(count)]
+
+
+def build_stock_archive(model: Path, labels: Path, store: Path) -> None:
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import package_model
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    config_file = store.parent / "stock-config.yaml"
+    config_file.write_text(
+        f"minWorkers: {WORKERS}\nmaxWorkers: {WORKERS}\nbatchSize: {BATCH_SIZE}\n"
+        f"maxBatchDelay: {BATCH_DELAY_MS}\nresponseTimeout: 120\n"
+    )
+    config = ModelArchiverConfig(
+        model_name="stock", handler="image_classifier", version="1.0", serialized_file=str(model),
+        extra_files=str(labels), export_path=str(store), force=True, config_file=str(config_file),
+    )
+    package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
+
+
+def server_cpu_seconds(server: TorchServe) -> float:
+    total = 0.0
+    try:
+        procs = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(label: str, model: str, store: Path, workdir: Path, images: list[bytes], env: dict[str, str], args) -> dict:
+    print(f"\n[{label}] starting torchserve ({', '.join(f'{k}={v}' for k, v in env.items()) or 'default env'}) ...", flush=True)
+    server = TorchServe(store, models=[f"{model}.mar"], workdir=workdir / label, env=env)
+    with server:
+        server.wait_ready([model], timeout=300)
+        url = f"{server.inference_url}/predictions/{model}"
+        cpu_before = server_cpu_seconds(server)
+        started = time.perf_counter()
+        result = run_load(url, images, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup)
+        wall = time.perf_counter() - started
+        cpu = server_cpu_seconds(server) - cpu_before
+    row = {
+        "label": label,
+        "qps": round(result.qps, 1),
+        "p50_ms": round(result.p50, 1),
+        "p99_ms": round(result.p99, 1),
+        "requests": result.requests,
+        "errors": result.errors,
+        "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
+        # CPU the whole server (frontend + workers) spent per request, warm-up included in both terms
+        "server_cpu_ms_per_request": round(cpu * 1000 / max(1, result.requests * wall / args.duration), 2),
+    }
+    print(f"[{label}] {row['qps']} QPS, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+          f"{row['errors']} errors, statuses {row['statuses']}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
+    parser.add_argument("--concurrency", type=int, default=32, help="client connections")
+    parser.add_argument("--images", type=int, default=16, help="distinct 1080p JPEGs, sent round-robin")
+    parser.add_argument("--quality", type=int, default=85, help="JPEG quality of the test images")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if importlib.util.find_spec("captum") is None:
+        print("TorchServe's stock image_classifier handler needs captum: pip install captum (make bench does)", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="tsgpu-bench-") as tmp:
+        work = Path(tmp)
+        store = work / "store"
+        store.mkdir()
+        print("building MobileNetV3-small (TorchScript), test images and both archives ...", flush=True)
+        model, labels = make_model(work)
+        images = make_images(args.images, args.quality)
+        build_stock_archive(model, labels, store)
+        build_archive("ours", model, store, labels=labels, batch_size=BATCH_SIZE, max_batch_delay=BATCH_DELAY_MS,
+                      workers=WORKERS, force=True, log=lambda m: None)
+        mean_kb = sum(map(len, images)) / len(images) / 1024
+        print(f"{len(images)} JPEGs 1920x1080 (quality {args.quality}, mean {mean_kb:.0f} KiB); "
+              f"{WORKERS} workers, batchSize {BATCH_SIZE}, maxBatchDelay {BATCH_DELAY_MS} ms; "
+              f"{args.concurrency} clients, {args.warmup:.0f}+{args.duration:.0f} s per run", flush=True)
+        rows = [
+            measure("stock-default", "stock", store, work, images, {}, args),
+            measure("stock-omp1", "stock", store, work, images, {"OMP_NUM_THREADS": "1"}, args),
+            measure("ours", "ours", store, work, images, {}, args),
+        ]
+
+    stock_best = max(rows[:2], key=lambda r: r["qps"])
+    ours = rows[2]
+    ratio = ours["qps"] / stock_best["qps"] if stock_best["qps"] else float("inf")
+    p99_ok = ours["p99_ms"] <= stock_best["p99_ms"]
+    print("\n| run | QPS | p50 ms | p99 ms | errors | server CPU ms/request |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['label']} | {r['qps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['server_cpu_ms_per_request']} |")
+    print(f"\nratio ours / best stock ({stock_best['label']}): {ratio:.2f}x QPS; "
+          f"p99 {ours['p99_ms']} vs {stock_best['p99_ms']} ms ({'no worse' if p99_ok else 'WORSE'}); "
+          f"errors {ours['errors']}")
+    print(f"target >= 3.00x with p99 no worse and zero errors: "
+          f"{'MET' if ratio >= 3 and p99_ok and ours['errors'] == 0 else 'NOT MET'}")
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+                   f"{platform.python_implementation()} {platform.python_version()}",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "rows": rows,
+        "ratio": round(ratio, 2),
+        "p99_no_worse": p99_ok,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""`tsgpu archive`: archive layout, generated config, validation at build time, CLI errors."""
+
+from __future__ import annotations
+
+import ast
+import json
+import zipfile
+
+import pytest
+import yaml
+
+from archiver_scripts.archive import ArchiveError, build_archive
+from archiver_scripts.cli import main
+from handlers.errors import ConfigError
+from tests import models
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("artifacts")
+    model = models.make_model()
+    return {
+        "script": models.save_torchscript(model, d / "tiny.pt"),
+        "weights": models.save_state_dict(model, d / "weights.pt"),
+        "model_py": models.write_model_py(d),
+        "labels": models.write_labels(d),
+        "dir": d,
+    }
+
+
+def read(mar, name):
+    with zipfile.ZipFile(mar) as zf:
+        return zf.read(name).decode()
+
+
+def test_archive_layout_and_generated_config(artifacts, tmp_path):
+    mar = build_archive("tiny", artifacts["script"], tmp_path, labels=artifacts["labels"], batch_size=16,
+                        max_batch_delay=25, workers=3, config=["classifier.top_k=2", "preprocess.jpeg_draft=false"],
+                        log=quiet)
+    assert mar == tmp_path / "tiny.mar"
+    with zipfile.ZipFile(mar) as zf:
+        names = set(zf.namelist())
+    assert {"tiny.pt", "index_to_name.json", "model-config.yaml", "tsgpu_entry.py", "MAR-INF/MANIFEST.json",
+            "handlers/__init__.py", "handlers/base.py", "handlers/preprocess/cpu.py"} <= names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    manifest = json.loads(read(mar, "MAR-INF/MANIFEST.json"))["model"]
+    assert manifest["serializedFile"] == "tiny.pt" and manifest["handler"] == "tsgpu_entry.py"
+    assert manifest["configFile"] == "model-config.yaml"
+    cfg = yaml.safe_load(read(mar, "model-config.yaml"))
+    assert cfg["minWorkers"] == cfg["maxWorkers"] == 3
+    assert cfg["batchSize"] == 16 and cfg["maxBatchDelay"] == 25
+    assert cfg["handler"] == {"model": {"file": "tiny.pt"}, "classifier": {"top_k": 2}, "preprocess": {"jpeg_draft": False}}
+    assert json.loads(read(mar, "index_to_name.json")) == models.LABELS
+
+
+def test_entry_file_defines_exactly_one_class(artifacts, tmp_path):
+    mar = build_archive("tiny", artifacts["script"], tmp_path, log=quiet)
+    tree = ast.parse(read(mar, "tsgpu_entry.py"))
+    classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert classes == ["Handler"]  # TorchServe's loader needs exactly one class defined in the module
+    imports = [node for node in tree.body if isinstance(node, ast.ImportFrom)]
+    assert any(n.module == "handlers.image_classifier" and n.names[0].name == "ImageClassifier" for n in imports)
+
+
+def test_eager_model_class_is_packed(artifacts, tmp_path):
+    mar = build_archive("eager", artifacts["weights"], tmp_path, model_class=f"{artifacts['model_py']}:TinyClassifier", log=quiet)
+    cfg = yaml.safe_load(read(mar, "model-config.yaml"))
+    assert cfg["handler"]["model"] == {"file": "weights.pt", "format": "eager", "model_class": "model.py:TinyClassifier"}
+    assert "class TinyClassifier" in read(mar, "model.py")
+
+
+def test_custom_handler_class(artifacts, tmp_path):
+    module = tmp_path / "my_task.py"
+    module.write_text("from handlers.image_classifier import ImageClassifier\n\nclass Mine(ImageClassifier):\n    pass\n")
+    mar = build_archive("mine", artifacts["script"], tmp_path / "out", handler_class="my_task:Mine", extra_files=[module], log=quiet)
+    assert "from my_task import Mine as _Base" in read(mar, "tsgpu_entry.py")
+    assert "class Mine" in read(mar, "my_task.py")
+
+
+def test_bad_config_key_fails_the_build(artifacts, tmp_path):
+    with pytest.raises(ConfigError, match="handler.classifier: unknown key 'topk'"):
+        build_archive("tiny", artifacts["script"], tmp_path, config=["classifier.topk=3"], log=quiet)
+    assert not (tmp_path / "tiny.mar").exists()
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(model="missing.pt"), "--model missing.pt: no such file"),
+    (dict(name="bad name!"), "--name 'bad name!'"),
+    (dict(task="segmentation-of-everything"), "--task 'segmentation-of-everything': unknown task"),
+    (dict(model_class="TinyClassifier"), "expected file.py:ClassName"),
+    (dict(model_class="nowhere.py:Net"), "nowhere.py does not exist"),
+    (dict(handler_class="just_a_module"), "--handler-class 'just_a_module': expected module:ClassName"),
+    (dict(batch_size=0), "--batch-size 0: must be positive"),
+    (dict(extra_files=["/no/such/file"]), "--extra-files /no/such/file"),
+])
+def test_option_errors_name_the_flag(artifacts, tmp_path, kwargs, fragment):
+    args = dict(name="tiny", model=artifacts["script"], export_path=tmp_path, log=quiet)
+    args.update(kwargs)
+    with pytest.raises(ArchiveError) as info:
+        build_archive(**args)
+    assert fragment in str(info.value)
+
+
+def test_labels_must_be_a_json_object(artifacts, tmp_path):
+    bad = tmp_path / "labels.json"
+    bad.write_text("[\"cat\", \"dog\"]")
+    with pytest.raises(ArchiveError, match="expected a JSON object"):
+        build_archive("tiny", artifacts["script"], tmp_path, labels=bad, log=quiet)
+
+
+def test_existing_archive_needs_force(artifacts, tmp_path):
+    build_archive("tiny", artifacts["script"], tmp_path, log=quiet)
+    with pytest.raises(ArchiveError, match="already exists: pass --force"):
+        build_archive("tiny", artifacts["script"], tmp_path, log=quiet)
+    build_archive("tiny", artifacts["script"], tmp_path, force=True, log=quiet)
+
+
+def test_cli_success_and_usage_errors(artifacts, tmp_path, capsys):
+    code = main(["archive", "--name", "tiny", "--model", str(artifacts["script"]), "--labels", str(artifacts["labels"]),
+                 "--config", "classifier.top_k=1", "--export-path", str(tmp_path)])
+    assert code == 0 and (tmp_path / "tiny.mar").is_file()
+    out = capsys.readouterr().out
+    assert "[1/4]" in out and "[4/4] done" in out
+    code = main(["archive", "--name", "tiny2", "--model", str(artifacts["script"]), "--config", "preprocess.crop_size=512",
+                 "--export-path", str(tmp_path)])
+    assert code == 2
+    assert "crop_size: 512 is larger than resize_size 256" in capsys.readouterr().err
