@@ -1,0 +1,62 @@
+"""Where one worker's CPU goes per 1080p request: JPEG decode, the rest of preprocessing, the model.
+
+Single thread (one worker's share of a 2-core host running 2 workers), MobileNetV3-small
+TorchScript as the serving benchmark loads it (frozen, channels-last), batch 8.
+
+    python benchmarks/cost_breakdown.py
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from archiver_scripts import samples  # noqa: E402
+from handlers.preprocess import PreprocessSpec  # noqa: E402
+from handlers.preprocess.cpu import CpuPreprocessor  # noqa: E402
+
+
+def per_item_ms(fn, n_items: int, repeat: int = 10) -> float:
+    fn()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - started) / repeat / n_items * 1000
+
+
+def main() -> int:
+    import torchvision
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    images = [samples.encode(samples.mosaic(1920, 1080, offset=i), "JPEG", quality=85) for i in range(8)]
+
+    def decode_half() -> None:
+        for data in images:
+            im = Image.open(io.BytesIO(data))
+            im.draft("RGB", (960, 540))
+            im.load()
+
+    pre = CpuPreprocessor(PreprocessSpec(channels_last=True), threads=1)
+    model = torchvision.models.mobilenet_v3_small().eval().to(memory_format=torch.channels_last)
+    model = torch.jit.freeze(torch.jit.script(model))
+    x = pre.run(images).tensor
+    with torch.inference_mode():
+        model_ms = per_item_ms(lambda: model(x), len(images))
+    decode_ms = per_item_ms(decode_half, len(images))
+    pre_ms = per_item_ms(lambda: pre.run(images), len(images))
+    print(f"1080p JPEG q85, 1 thread, per image: decode at 1/2 scale {decode_ms:.2f} ms; "
+          f"whole CPU preprocess {pre_ms:.2f} ms; MobileNetV3-small at batch 8 {model_ms:.2f} ms; "
+          f"handler total about {pre_ms + model_ms:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
