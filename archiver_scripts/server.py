@@ -85,6 +85,7 @@ class TorchServe:
         self.log_dir = self.workdir / "logs"
         self.tmp_dir = self.workdir / "tmp"
         inference, management, metrics = ports or (free_port(), free_port(), free_port())
+        self.grpc_ports = (free_port(), free_port())
         self.inference_url = f"http://{LOOPBACK}:{inference}"
         self.management_url = f"http://{LOOPBACK}:{management}"
         self.metrics_url = f"http://{LOOPBACK}:{metrics}"
@@ -93,6 +94,11 @@ class TorchServe:
             "inference_address": self.inference_url,
             "management_address": self.management_url,
             "metrics_address": self.metrics_url,
+            # gRPC listens too (7070/7071 by default): a second instance would fail to bind and stop
+            "grpc_inference_address": LOOPBACK,
+            "grpc_management_address": LOOPBACK,
+            "grpc_inference_port": str(self.grpc_ports[0]),
+            "grpc_management_port": str(self.grpc_ports[1]),
             "model_store": str(self.model_store),
             "load_models": ",".join(self.models),
             # worker sockets and unpacked archives go to java.io.tmpdir, not $TMPDIR
