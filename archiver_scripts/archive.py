@@ -19,9 +19,8 @@ from typing import Any
 import yaml
 
 import handlers
-from handlers.config import apply_overrides
-from handlers.config import HandlerConfig
-from handlers.errors import ConfigError
+from handlers.artifacts import ArtifactInfo, metadata_path
+from handlers.config import HandlerConfig, apply_overrides
 
 TASKS = {
     "image-classification": "handlers.image_classifier:ImageClassifier",
@@ -57,7 +56,7 @@ class ArchiveError(ValueError):
 
 def build_archive(
     name: str,
-    model: str | Path,
+    model: str | Path | list[str | Path],
     export_path: str | Path,
     task: str = "image-classification",
     model_class: str | None = None,
@@ -75,9 +74,20 @@ def build_archive(
     """Build `export_path/name.mar` and return its path. Raises ArchiveError or ConfigError."""
     if not _NAME.match(name):
         raise ArchiveError(f"--name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit")
-    model_path = Path(model)
-    if not model_path.is_file():
-        raise ArchiveError(f"--model {model}: no such file")
+    model_paths = [Path(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    for path in model_paths:
+        if not path.is_file():
+            raise ArchiveError(f"--model {path}: no such file")
+    if len({p.name for p in model_paths}) != len(model_paths):
+        raise ArchiveError(f"--model: artifact file names must differ, got {[p.name for p in model_paths]}")
+    infos = [ArtifactInfo.read(p) for p in model_paths]
+    if len(model_paths) > 1 and None in infos:
+        missing = model_paths[infos.index(None)]
+        raise ArchiveError(
+            f"--model {missing}: several artifacts need the .json `tsgpu compile` writes beside each, "
+            f"so the worker can choose; {metadata_path(missing).name} is missing"
+        )
+    model_path = model_paths[0]
     if task not in TASKS:
         raise ArchiveError(f"--task {task!r}: unknown task (known: {', '.join(TASKS)})")
     for flag, value in (("--batch-size", batch_size), ("--workers", workers), ("--max-batch-delay", max_batch_delay + 1)):
@@ -91,13 +101,26 @@ def build_archive(
         raise ArchiveError(f"{target} already exists: pass --force to overwrite it")
 
     section: dict[str, Any] = {"model": {"file": model_path.name}}
-    class_file: Path | None = None
+    if len(model_paths) > 1:
+        section["model"] = {"artifacts": [p.name for p in model_paths]}
+    class_files: list[Path] = []
     if model_class:
+        if infos[0] is not None or len(model_paths) > 1:
+            raise ArchiveError("--model-class: not needed for artifacts from tsgpu compile (their .json says how to load them)")
         file_part, cls_part = _split_target(model_class, "--model-class", suffix=".py")
         class_file = Path(file_part)
         if not class_file.is_file():
             raise ArchiveError(f"--model-class {model_class}: {class_file} does not exist")
+        class_files.append(class_file)
         section["model"].update({"format": "eager", "model_class": f"{class_file.name}:{cls_part}"})
+    for path, info in zip(model_paths, infos):
+        if info is None:
+            continue
+        source = info.meta.get("model_source")
+        if source:  # eager artifacts carry the code that rebuilds the model
+            if not (path.parent / source).is_file():
+                raise ArchiveError(f"--model {path}: its .json names {source}, which is not beside it")
+            class_files.append(path.parent / source)
     section = apply_overrides(section, list(config))
     HandlerConfig.from_mapping(section)  # fail the build, not the model load, on a bad key
     labels_path = Path(labels) if labels else None
@@ -114,8 +137,11 @@ def build_archive(
     }
     with tempfile.TemporaryDirectory(prefix="tsgpu-archive-") as tmp:
         stage = Path(tmp)
-        log(f"[1/4] staging {name}: model {model_path.name} ({model_path.stat().st_size / 1e6:.1f} MB), task {task}")
-        extras = _stage(stage, module, cls, model_config, labels_path, class_file, extra_files)
+        sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB{', ' + i.backend if i else ''})" for p, i in zip(model_paths, infos))
+        log(f"[1/4] staging {name}: {sizes}, task {task}")
+        artifact_extras = [p.resolve() for p in model_paths[1:]]
+        artifact_extras += [metadata_path(p).resolve() for p, i in zip(model_paths, infos) if i is not None]
+        extras = _stage(stage, module, cls, model_config, labels_path, class_files, [*artifact_extras, *extra_files])
         log(f"[2/4] handler section validated: {json.dumps(section, sort_keys=True)}")
         log(f"[3/4] writing {target} with torch-model-archiver")
         _package(name, model_path, stage, extras, export_dir, force)
@@ -144,7 +170,7 @@ def _check_labels(path: Path) -> None:
 
 def _stage(
     stage: Path, module: str, cls: str, model_config: dict[str, Any], labels: Path | None,
-    class_file: Path | None, extra_files: Iterable[str | Path],
+    class_files: list[Path], extra_files: Iterable[str | Path],
 ) -> list[Path]:
     package_root = stage / "package"
     shutil.copytree(
@@ -157,8 +183,7 @@ def _stage(
     if labels is not None:
         shutil.copyfile(labels, stage / LABELS_FILE)
         extras.append(stage / LABELS_FILE)
-    if class_file is not None:
-        extras.append(class_file.resolve())
+    extras.extend(f.resolve() for f in dict.fromkeys(class_files))
     for extra in extra_files:
         path = Path(extra)
         if not path.exists():

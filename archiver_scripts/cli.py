@@ -1,5 +1,6 @@
 """The `tsgpu` command.
 
+    tsgpu compile --model torchvision:resnet50 --output DIR [...]    compile + validate an artifact
     tsgpu archive --name NAME --model FILE --export-path DIR [...]   build a .mar
     tsgpu serve [--model-store DIR] [--config config.properties]    run stock torchserve
     tsgpu demo                                                       the end-to-end demo
@@ -22,7 +23,9 @@ def _archive_parser(sub: argparse._SubParsersAction) -> None:
                        description="Build a self-contained TorchServe archive (model, handler code, model-config.yaml).")
     p.add_argument("--name", required=True, help="model name (archive is NAME.mar)")
     p.add_argument("--task", default="image-classification", help="task handler (default: image-classification)")
-    p.add_argument("--model", required=True, help="artifact: .pt2 (torch.export / AOTInductor), .pt (TorchScript) or a state dict")
+    p.add_argument("--model", required=True, action="append",
+                   help="artifact: .pt2 (torch.export / AOTInductor / TensorRT), .pt (TorchScript) or a state dict; "
+                        "repeat for artifacts from `tsgpu compile` for several devices (the worker picks one)")
     p.add_argument("--model-class", help="model.py:ClassName, for a state dict (eager mode)")
     p.add_argument("--labels", help="index_to_name.json: {\"0\": \"name\", ...}")
     p.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
@@ -35,6 +38,27 @@ def _archive_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extra-files", action="append", default=[], metavar="PATH", help="extra file or directory to include (repeatable)")
     p.add_argument("--export-path", required=True, help="directory to write NAME.mar into (e.g. model_store)")
     p.add_argument("--force", action="store_true", help="overwrite an existing archive")
+
+
+def _compile_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="surgery + compile (TensorRT / AOTInductor / export / eager) with a cache",
+                       description="Compile a model into a validated artifact plus a metadata JSON beside it.")
+    p.add_argument("--model", required=True, help="torchvision:NAME or file.py:factory (a class or function returning the model)")
+    p.add_argument("--weights", help="state dict to load (torch.load with weights_only=True); default: the model's own init")
+    p.add_argument("--num-classes", type=int, help="torchvision models: number of classes")
+    p.add_argument("--backend", default="auto", help="auto | tensorrt | aoti | export | eager (default auto)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
+    p.add_argument("--batch", default="1,8,32", help="MIN,OPT,MAX batch sizes the artifact accepts (default 1,8,32)")
+    p.add_argument("--input-size", type=int, default=224, help="square input side (default 224)")
+    p.add_argument("--channels-last", action="store_true", help="compile for channels-last inputs")
+    p.add_argument("--hardware-compatible", action="store_true", help="TensorRT: engine that loads on any Ampere+ GPU")
+    p.add_argument("--no-surgery", action="store_true", help="skip the surgery passes")
+    p.add_argument("--tolerance", type=float, help="max abs diff vs eager allowed (default: by precision)")
+    p.add_argument("--cache-dir", type=Path, help="artifact cache (default $TSGPU_CACHE_DIR or ~/.cache/tsgpu/artifacts)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--name", default="", help="artifact file stem (default: from --model)")
+    p.add_argument("--output", required=True, type=Path, help="directory for the artifact and its .json")
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,12 +76,26 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsgpu", description="TorchServe GPU handlers: archive, serve, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _compile_parser(sub)
     _archive_parser(sub)
     _serve_parser(sub)
     _demo_parser(sub)
-    # `compile` (Torch-TensorRT / AOTInductor / export with an engine cache) comes with the
-    # compiled-backbones work; it will register itself here.
     return parser
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from .compile import CompileOptions, compile_model, parse_batch
+
+    opts = CompileOptions(
+        model=args.model, output=args.output, name=args.name, weights=args.weights, num_classes=args.num_classes,
+        backend=args.backend, device=args.device, precision=args.precision, batch=parse_batch(args.batch),
+        input_size=args.input_size, channels_last=args.channels_last, hardware_compatible=args.hardware_compatible,
+        surgery=not args.no_surgery, cache_dir=args.cache_dir, use_cache=not args.no_cache, tolerance=args.tolerance,
+    )
+    result = compile_model(opts)
+    for reason in result.fallbacks:
+        print(f"note: fell back past {reason}")
+    return 0
 
 
 def _run_archive(args: argparse.Namespace) -> int:
@@ -94,13 +132,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .archive import ArchiveError
+    from .compile import CompileError
     from .java import JavaNotFound
 
+    commands = {"compile": _run_compile, "archive": _run_archive, "serve": _run_serve, "demo": _run_demo}
     try:
-        return {"archive": _run_archive, "serve": _run_serve, "demo": _run_demo}[args.command](args)
+        return commands[args.command](args)
     except (ArchiveError, ConfigError) as exc:
         print(f"tsgpu {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CompileError as exc:
+        print(f"tsgpu {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except JavaNotFound as exc:
         print(f"tsgpu {args.command}: error: {exc}", file=sys.stderr)
         return 1

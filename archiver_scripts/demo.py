@@ -3,7 +3,8 @@
 No pretrained weights can be downloaded here, so the demo trains a toy model in a few seconds: it
 names the dominant colour of an image. Its answers are therefore checkable by eye, which random
 ImageNet weights would not be. The steps are the ones a user takes with a real model:
-train/export -> `tsgpu archive` -> `torchserve --start` on the model store -> HTTP requests.
+train -> `tsgpu compile` (best backend available here, validated against eager) -> `tsgpu archive`
+-> `torchserve --start` on the model store -> HTTP requests.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from . import samples
 from .archive import build_archive
+from .compile import CompileOptions, compile_model
 from .server import TorchServe
 
 COLOURS = {
@@ -57,10 +59,9 @@ def train_colour_model(steps: int = 150, seed: int = 0):
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, kernel_size=8, stride=8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, len(COLOURS)),
-    )
+    namespace: dict = {}
+    exec(compile(COLOUR_MODEL_SOURCE, "colour_model", "exec"), namespace)
+    model = namespace["build"]()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
     for _ in range(steps):
@@ -77,14 +78,16 @@ def train_colour_model(steps: int = 150, seed: int = 0):
     return model.eval()
 
 
-def export_model(model, path: Path) -> Path:
-    import torch
+COLOUR_MODEL_SOURCE = '''"""The demo's colour classifier: rebuilt by `tsgpu compile` from these weights."""
+from torch import nn
 
-    example = torch.randn(2, 3, 224, 224)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, (example,), dynamic_shapes={"input": {0: batch}})
-    torch.export.save(program, str(path))
-    return path
+
+def build():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, kernel_size=8, stride=8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8),
+    )
+'''
 
 
 def post(url: str, body: bytes, content_type: str) -> tuple[int, object]:
@@ -118,12 +121,26 @@ def run_demo(model_store: Path = Path("model_store"), name: str = "demo_colors")
     work = model_store / f".{name}-build"
     work.mkdir(exist_ok=True)
     print("[demo] training the colour model on CPU ...")
+    import torch
+
     model = train_colour_model()
-    artifact = export_model(model, work / "colors.pt2")
+    weights = work / "colour_weights.pt"
+    torch.save(model.state_dict(), weights)
+    source = work / "colour_model.py"
+    source.write_text(COLOUR_MODEL_SOURCE)
+    print("[demo] tsgpu compile --backend auto (surgery, compile, validation against eager):")
+    result = compile_model(
+        CompileOptions(model=f"{source}:build", weights=str(weights), output=work / "compiled", name="colors",
+                       batch=(1, 4, 8)),
+        log=lambda m: print("   " + m),
+    )
+    chosen = f"{result.meta['backend']} ({result.artifact.name})"
+    for reason in result.fallbacks:
+        print(f"   fell back past {reason}")
     labels = work / "index_to_name.json"
     labels.write_text(json.dumps({str(i): n for i, n in enumerate(COLOURS)}))
-    print(f"[demo] exported {artifact.name} with torch.export; building the archive:")
-    build_archive(name, artifact, model_store, labels=labels, batch_size=4, max_batch_delay=5,
+    print("[demo] tsgpu archive:")
+    build_archive(name, result.artifact, model_store, labels=labels, batch_size=4, max_batch_delay=5,
                   workers=1, config=["classifier.top_k=3"], force=True, log=lambda m: print("   " + m))
 
     requests = [
@@ -137,7 +154,12 @@ def run_demo(model_store: Path = Path("model_store"), name: str = "demo_colors")
     with TorchServe(model_store, models=[f"{name}.mar"]) as server:
         try:
             server.wait_ready([name], timeout=180)
-            print(f"[demo] ready at {server.inference_url} after {time.perf_counter() - started:.0f}s; sending requests:")
+            print(f"[demo] ready at {server.inference_url} after {time.perf_counter() - started:.0f}s")
+            print(f"       compile backend chosen: {chosen}")
+            for line in (server.log_dir / "model_log.log").read_text().splitlines():
+                if "MODEL_LOG - ready:" in line:
+                    print("       worker: " + line.split("MODEL_LOG - ", 1)[1].split(", handlers from")[0])
+            print("[demo] sending requests:")
             url = f"{server.inference_url}/predictions/{name}"
             for title, payload, ctype, kind in requests:
                 if kind == "json":

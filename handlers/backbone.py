@@ -10,6 +10,7 @@ Formats (detected from the file's contents when `handler.model.format` is `auto`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .artifacts import ArtifactInfo, choose, library_versions, refusal
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
 
@@ -39,13 +41,20 @@ class Backbone:
     device: torch.device
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
+    info: ArtifactInfo | None = None
+    """Metadata from `tsgpu compile`, when the artifact has it."""
 
     def __call__(self, x: torch.Tensor) -> Any:
         return self.module(x)
 
+    @property
+    def max_batch(self) -> int | None:
+        return self.info.meta.get("input", {}).get("batch", {}).get("max") if self.info else None
+
     def describe(self) -> str:
         layout = "channels-last" if self.channels_last else "NCHW"
-        return f"{self.format} model {self.path.name} on {self.device} ({layout})"
+        backend = f" [{self.info.backend}, {self.info.meta.get('precision')}]" if self.info else ""
+        return f"{self.format} model {self.path.name}{backend} on {self.device} ({layout})"
 
 
 def detect_format(path: Path) -> str:
@@ -70,8 +79,25 @@ def detect_format(path: Path) -> str:
     raise ModelLoadError(f"{path.name}: unrecognised torch archive layout (first entries: {names[:5]})")
 
 
+_FORMAT_OF = {"aoti": "aoti", "exported_program": "exported_program", "state_dict": "eager", "torchscript": "torchscript"}
+_DTYPE_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def load_backbone(model_dir: Path, model_file: str, cfg: ModelConfig, device: torch.device) -> Backbone:
-    """Load `model_file` (relative to `model_dir`) as configured, ready for `torch.inference_mode`."""
+    """Load the configured artifact (or the best of `cfg.artifacts`) for `device`."""
+    info = _select_artifact(model_dir, model_file, cfg, device)
+    if info is not None:
+        model_file = info.file
+        fmt = _FORMAT_OF.get(info.meta.get("artifact_format", ""), "auto")
+        cfg = dataclasses.replace(cfg, format=fmt, model_class=info.meta.get("model_class", cfg.model_class))
+        if info.backend == "tensorrt":
+            try:
+                import torch_tensorrt  # noqa: F401  (registers TensorRT ops before the program loads)
+            except ImportError:
+                raise ModelLoadError(
+                    f"{info.file} is a TensorRT artifact: pip install 'torchserve-gpu-handlers[trt]' "
+                    f"(torch-tensorrt {info.meta.get('versions', {}).get('torch_tensorrt')})"
+                ) from None
     path = (model_dir / model_file).resolve()
     fmt = cfg.format
     detected = detect_format(path)
@@ -93,8 +119,34 @@ def load_backbone(model_dir: Path, model_file: str, cfg: ModelConfig, device: to
     loader = _LOADERS[fmt]
     started = time.perf_counter()
     backbone = loader(path, cfg, device, model_dir)
+    if info is not None:
+        spec = info.meta.get("input", {})
+        backbone.info = info
+        backbone.dtype = _DTYPE_OF.get(spec.get("dtype", "float32"), backbone.dtype)
+        backbone.channels_last = bool(spec.get("channels_last", backbone.channels_last))
     logger.info("loaded %s in %.1fs", backbone.describe(), time.perf_counter() - started)
     return backbone
+
+
+def _select_artifact(model_dir: Path, model_file: str, cfg: ModelConfig, device: torch.device) -> ArtifactInfo | None:
+    if cfg.artifacts:
+        candidates = []
+        for name in cfg.artifacts:
+            info = ArtifactInfo.read(model_dir / name)
+            if info is None:
+                raise ModelLoadError(f"handler.model.artifacts: {name} has no {name}.json beside it in the archive")
+            candidates.append(info)
+        best, lines = choose(candidates, device)
+        for line in lines:
+            logger.info("artifact %s", line)
+        logger.info("artifact chosen for %s: %s (%s)", device, best.file, best.backend)
+        return best
+    info = ArtifactInfo.read(model_dir / model_file)
+    if info is not None:
+        reason = refusal(info, device, library_versions())
+        if reason is not None:
+            raise ModelLoadError(f"{model_file} cannot run on this worker: {reason}; build one with `tsgpu compile`")
+    return info
 
 
 def warm_up(backbone: Backbone, batch_sizes: Sequence[int], crop_size: int, runs: int = 2) -> float:

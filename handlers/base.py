@@ -23,7 +23,7 @@ import torch
 
 from .backbone import Backbone, load_backbone, warm_up
 from .config import HandlerConfig, load_handler_config
-from .errors import ConfigError, RequestError
+from .errors import ConfigError, ModelLoadError, RequestError
 from .inputs import parameter_content_types, read_image_bytes
 from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import apply_torch_threads, cpu_threads_per_worker, select_device
@@ -90,6 +90,12 @@ class VisionHandler(BaseHandler):
         self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
         self.load_assets(self.model_dir)
 
+        max_batch = self.backbone.max_batch
+        if max_batch is not None and self.batch_size > max_batch:
+            raise ModelLoadError(
+                f"TorchServe batchSize {self.batch_size} exceeds the artifact's max batch {max_batch}: "
+                f"recompile with tsgpu compile --batch 1,{self.batch_size},{self.batch_size} or lower batchSize"
+            )
         if self.config.model.warmup:
             self._warm_up(spec)
         self.initialized = True

@@ -97,6 +97,9 @@ class ModelConfig:
 
     file: str = ""
     """Artifact path inside the archive; empty = the manifest's serializedFile."""
+    artifacts: tuple[str, ...] = ()
+    """Several compiled artifacts (each with its .json from tsgpu compile): the worker loads the
+    best one that fits its device."""
     format: str = "auto"
     model_class: str = ""
     """For format eager: 'model.py:ClassName' (the state dict is the artifact)."""
@@ -112,6 +115,8 @@ class ModelConfig:
             raise ConfigError(
                 f"{path}.model_class: expected 'file.py:ClassName', got {self.model_class!r}"
             )
+        if self.artifacts and self.file:
+            raise ConfigError(f"{path}: set either file or artifacts, not both")
         if self.format == "eager" and not self.model_class:
             raise ConfigError(f"{path}.model_class: required when {path}.format is 'eager'")
 

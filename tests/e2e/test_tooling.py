@@ -13,9 +13,12 @@ from archiver_scripts.demo import run_demo
 from archiver_scripts.server import TorchServe
 
 
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TSGPU_CACHE_DIR", str(tmp_path / "cache"))
     assert run_demo(tmp_path / "store") == 0
     out = capsys.readouterr().out
+    assert "compile backend chosen: aoti" in out  # the best backend on a CPU-only host
+    assert "worker: ready: aoti model colors.aoti-cpu.pt2 [aoti, fp32] on cpu" in out
     assert (tmp_path / "store" / "demo_colors.mar").is_file()
     answers = re.findall(r"-> (.+?): HTTP (\d+)\n\s+(\S+)", out)
     by_title = {title: (int(status), top) for title, status, top in answers}

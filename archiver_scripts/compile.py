@@ -1,0 +1,398 @@
+"""`tsgpu compile`: model -> surgery -> compiled artifact + metadata JSON, with an engine cache.
+
+    tsgpu compile --model torchvision:resnet50 --backend auto --device cpu --batch 1,8,32 --output build/
+
+Backends, best first: `tensorrt` (Torch-TensorRT dynamo path, CUDA only), `aoti` (torch.export +
+AOTInductor, CPU or CUDA), `export` (a plain ExportedProgram), `eager` (a state dict plus the code
+that builds the model). `auto` tries them in that order for the device and reports each fallback
+with its reason. Every artifact is validated against the eager model on sample inputs (max abs
+difference reported and checked against a tolerance) before it is written.
+
+The cache (default `~/.cache/tsgpu/artifacts`, or `$TSGPU_CACHE_DIR`) is keyed by weight hash, input
+spec, precision, backend, device type and compute capability, library versions and surgery
+options, so an artifact is never reused on another GPU architecture or library version. A repeated
+compile is a cache hit: the artifact is copied and re-validated, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from handlers.artifacts import METADATA_VERSION, device_info, library_versions, metadata_path
+
+from .surgery import PassReport, _first_tensor, run_passes
+
+BACKENDS = ("tensorrt", "aoti", "export", "eager")
+ARTIFACT_FORMAT = {"tensorrt": "exported_program", "aoti": "aoti", "export": "exported_program", "eager": "state_dict"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Max abs difference allowed against eager fp32, as a fraction of the largest reference output.
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 8e-2}
+
+
+class CompileError(RuntimeError):
+    """A backend could not produce a valid artifact; the message says why."""
+
+
+@dataclass
+class CompileOptions:
+    model: str
+    output: Path
+    name: str = ""
+    weights: str | None = None
+    num_classes: int | None = None
+    backend: str = "auto"
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch: tuple[int, int, int] = (1, 8, 32)
+    input_size: int = 224
+    channels_last: bool = False
+    hardware_compatible: bool = False
+    surgery: bool = True
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    tolerance: float | None = None
+
+
+@dataclass
+class CompileResult:
+    artifact: Path
+    meta: dict[str, Any]
+    fallbacks: list[str] = field(default_factory=list)
+
+
+# --- loading the model --------------------------------------------------------------------------
+
+
+def load_model(spec: str, weights: str | None = None, num_classes: int | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """`torchvision:NAME` or `file.py:factory_or_class`, optionally with a state dict; returns the
+    eval-mode model and how to rebuild it (for eager artifacts)."""
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        try:
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        except ValueError as exc:
+            raise CompileError(f"--model {spec}: {exc}") from None
+        source = {"kind": "torchvision", "name": name, "kwargs": json.dumps(kwargs)}
+    else:
+        path_part, sep, attr = spec.partition(":")
+        path = Path(path_part)
+        if not sep or not path.suffix == ".py" or not attr:
+            raise CompileError(f"--model {spec!r}: expected torchvision:NAME or file.py:factory")
+        if not path.is_file():
+            raise CompileError(f"--model {spec}: {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"_tsgpu_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+        factory = getattr(module, attr, None)
+        if factory is None:
+            raise CompileError(f"--model {spec}: {path.name} defines no {attr!r}")
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise CompileError(f"--model {spec}: {attr}() returned {type(model).__name__}, not an nn.Module")
+        source = {"kind": "file", "path": str(path.resolve()), "attr": attr}
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model.eval(), source
+
+
+def weight_hash(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+
+def _export(model: nn.Module, sample: torch.Tensor, batch: tuple[int, int, int]):
+    (param,) = list(inspect.signature(model.forward).parameters)[:1] or ["x"]
+    if batch[0] == batch[2]:
+        return torch.export.export(model, (sample[: batch[0]],))
+    if sample.shape[0] < 2:  # export specialises a size-1 dimension; trace with 2 rows
+        sample = sample.expand(2, *sample.shape[1:]).contiguous(memory_format=_layout(sample))
+    dim = torch.export.Dim("batch", min=batch[0], max=batch[2])
+    return torch.export.export(model, (sample,), dynamic_shapes={param: {0: dim}})
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+
+
+def build_export(model, sample, opts, path: Path) -> Callable:
+    program = _export(model, sample, opts.batch)
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+def build_aoti(model, sample, opts, path: Path) -> Callable:
+    program = _export(model, sample, opts.batch)
+    # freezing: weights become constants, so Inductor folds BatchNorm and prepacks conv weights.
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
+    return torch._inductor.aoti_load_package(str(path))
+
+
+def build_tensorrt(model, sample, opts, path: Path) -> Callable:
+    # UNVERIFIED: no GPU with TensorRT was available when this was written (docs/gpu-verification.md).
+    if not sample.is_cuda:
+        raise CompileError("TensorRT needs a CUDA device (--device cuda)")
+    try:
+        import torch_tensorrt
+    except ImportError:
+        raise CompileError("torch-tensorrt is not installed: pip install 'torchserve-gpu-handlers[trt]'") from None
+    program = _export(model, sample, opts.batch)
+    shape = tuple(sample.shape[1:])
+    inputs = [torch_tensorrt.Input(
+        min_shape=(opts.batch[0], *shape), opt_shape=(opts.batch[1], *shape), max_shape=(opts.batch[2], *shape),
+        dtype=sample.dtype,
+    )]
+    params = inspect.signature(torch_tensorrt.dynamo.compile).parameters
+    kwargs: dict[str, Any] = {}
+    kwargs["arg_inputs" if "arg_inputs" in params else "inputs"] = inputs
+    if "enabled_precisions" in params:  # removed in 2.13: precision then follows the model's dtype
+        kwargs["enabled_precisions"] = {sample.dtype}
+    if "hardware_compatible" in params:
+        kwargs["hardware_compatible"] = opts.hardware_compatible
+    elif opts.hardware_compatible:
+        raise CompileError("this torch-tensorrt has no hardware_compatible option")
+    compiled = torch_tensorrt.dynamo.compile(program, **kwargs)
+    torch_tensorrt.save(compiled, str(path), output_format="exported_program", arg_inputs=[sample])
+    return torch.export.load(str(path)).module()
+
+
+BUILDERS = {"tensorrt": build_tensorrt, "aoti": build_aoti, "export": build_export}
+
+
+def _eager_artifact(model: nn.Module, source: dict[str, str], opts: CompileOptions, out_dir: Path, stem: str) -> tuple[Path, dict]:
+    weights = out_dir / f"{stem}.pt"
+    torch.save(model.state_dict(), str(weights))
+    if source["kind"] == "torchvision":
+        code = out_dir / f"{stem}_model.py"
+        code.write_text(
+            '"""Builds the model for the eager artifact beside it (generated by tsgpu compile)."""\n\n'
+            "import torchvision\n\n\n"
+            f"def build():\n    return torchvision.models.get_model({source['name']!r}, weights=None, "
+            f"**{source['kwargs']})\n"
+        )
+        return weights, {"model_source": code.name, "model_class": f"{code.name}:build"}
+    code = out_dir / Path(source["path"]).name
+    if Path(source["path"]).resolve() != code.resolve():
+        shutil.copyfile(source["path"], code)
+    return weights, {"model_source": code.name, "model_class": f"{code.name}:{source['attr']}"}
+
+
+# --- validation and cache -----------------------------------------------------------------------
+
+
+def validate(run: Callable, reference: nn.Module, opts: CompileOptions, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    sizes = sorted({opts.batch[0], opts.batch[1], opts.batch[2]})
+    generator = torch.Generator().manual_seed(0)
+    worst, scale = 0.0, 1.0
+    with torch.inference_mode():
+        for n in sizes:
+            x = torch.randn((n, 3, opts.input_size, opts.input_size), generator=generator).to(device)
+            ref = _first_tensor(reference(x.float() if dtype != torch.float32 else x)).float()
+            xin = x.to(dtype)
+            if opts.channels_last:
+                xin = xin.contiguous(memory_format=torch.channels_last)
+            got = _first_tensor(run(xin)).float()
+            worst = max(worst, (got - ref).abs().max().item())
+            scale = max(scale, ref.abs().max().item())
+    tolerance = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.precision] * scale
+    return {"max_abs_diff": worst, "tolerance": tolerance, "batch_sizes": sizes, "passed": worst <= tolerance}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TSGPU_CACHE_DIR") or Path.home() / ".cache" / "tsgpu" / "artifacts")
+
+
+def cache_key(whash: str, opts: CompileOptions, backend: str, device: dict, versions: dict) -> str:
+    material = {
+        "v": METADATA_VERSION, "weights": whash, "backend": backend, "precision": opts.precision,
+        "batch": list(opts.batch), "input_size": opts.input_size, "channels_last": opts.channels_last,
+        "surgery": opts.surgery, "hardware_compatible": opts.hardware_compatible,
+        "device": device["type"], "capability": device["capability"], "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def backend_order(backend: str, device: torch.device) -> list[str]:
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise CompileError(f"--backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
+        return [backend]
+    return list(BACKENDS) if device.type == "cuda" else ["aoti", "export", "eager"]
+
+
+def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> CompileResult:
+    started = time.perf_counter()
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompileError(f"--device {opts.device}: CUDA is not available on this machine")
+    if opts.precision not in DTYPES:
+        raise CompileError(f"--precision {opts.precision!r}: choose fp32, fp16 or bf16")
+    lo, opt, hi = opts.batch
+    if not 1 <= lo <= opt <= hi:
+        raise CompileError(f"--batch {lo},{opt},{hi}: need 1 <= min <= opt <= max")
+    dtype = DTYPES[opts.precision]
+    order = backend_order(opts.backend, device)
+
+    log(f"[1/4] loading {opts.model}")
+    original, source = load_model(opts.model, opts.weights, opts.num_classes)
+    whash = weight_hash(original)
+    name = opts.name or _default_name(opts.model)
+    reference = original.to(device)
+    sample = torch.randn((opt, 3, opts.input_size, opts.input_size), generator=torch.Generator().manual_seed(1)).to(device)
+
+    log("[2/4] surgery" + ("" if opts.surgery else " skipped (--no-surgery)"))
+    if opts.surgery:
+        model, reports = run_passes(copy.deepcopy(original), sample, opts.channels_last, log)
+    else:
+        model, reports = copy.deepcopy(original), []
+    model = model.to(device=device, dtype=dtype)
+    typed_sample = sample.to(dtype)
+    if opts.channels_last:
+        typed_sample = typed_sample.contiguous(memory_format=torch.channels_last)
+
+    versions = library_versions()
+    dev = device_info(device)
+    cache_root = opts.cache_dir or default_cache_dir()
+    opts.output.mkdir(parents=True, exist_ok=True)
+    fallbacks: list[str] = []
+    log(f"[3/4] compiling: trying {' -> '.join(order)} for {dev['type']} ({opts.precision}, batch {lo}/{opt}/{hi})")
+    for backend in order:
+        t0 = time.perf_counter()
+        stem = f"{name}.{backend}-{dev['type']}"
+        try:
+            result = _one_backend(backend, model, original, source, typed_sample, opts, device, dtype, whash,
+                                  dev, versions, cache_root, stem, reports, log)
+        except Exception as exc:  # each backend's own failure is a fallback, reported, never hidden
+            reason = f"{backend}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            fallbacks.append(reason)
+            log(f"  fallback: {reason}")
+            continue
+        result.fallbacks = fallbacks
+        v = result.meta["validation"]
+        log(f"[4/4] {result.artifact} ({backend}, {'cache hit' if result.meta['cache']['hit'] else 'built'} in "
+            f"{time.perf_counter() - t0:.1f}s; max abs diff vs eager {v['max_abs_diff']:.3g} <= {v['tolerance']:.3g}); "
+            f"total {time.perf_counter() - started:.1f}s")
+        return result
+    raise CompileError("every backend failed:\n  " + "\n  ".join(fallbacks))
+
+
+def _one_backend(backend, model, original, source, sample, opts, device, dtype, whash, dev, versions,
+                 cache_root: Path, stem: str, reports: list[PassReport], log) -> CompileResult:
+    out_dir = opts.output
+    if backend == "eager":
+        # The eager fallback serves the original module (surgery changes its structure, so its
+        # state dict would not fit the code that rebuilds it).
+        artifact, extra = _eager_artifact(original.to(device), source, opts, out_dir, stem)
+        validation = validate(original.to(device=device, dtype=dtype), original, opts, device, dtype)
+        meta = _metadata(backend, artifact, opts, dev, versions, whash, [], validation, {"hit": False, "key": None})
+        meta.update(extra)
+        return _finish(artifact, meta)
+
+    key = cache_key(whash, opts, backend, dev, versions)
+    suffix = ".pt2"
+    artifact = out_dir / f"{stem}{suffix}"
+    cached = cache_root / key / f"artifact{suffix}"
+    hit = opts.use_cache and cached.is_file()
+    if hit:
+        log(f"  cache hit {key} ({cache_root})")
+        shutil.copyfile(cached, artifact)
+        run = _load_artifact(backend, artifact)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tsgpu-compile-") as tmp:
+            built = Path(tmp) / f"artifact{suffix}"
+            log(f"  building {backend} (this can take minutes) ...")
+            run = BUILDERS[backend](model, sample, opts, built)
+            validation = validate(run, original, opts, device, dtype)
+            if not validation["passed"]:
+                raise CompileError(f"validation failed: max abs diff {validation['max_abs_diff']:.3g} > tolerance {validation['tolerance']:.3g}")
+            shutil.copyfile(built, artifact)
+            if opts.use_cache:
+                (cache_root / key).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(built, cached)
+    validation = validate(run, original, opts, device, dtype)
+    if not validation["passed"]:
+        raise CompileError(f"validation failed: max abs diff {validation['max_abs_diff']:.3g} > tolerance {validation['tolerance']:.3g}")
+    meta = _metadata(backend, artifact, opts, dev, versions, whash, reports, validation, {"hit": hit, "key": key})
+    return _finish(artifact, meta)
+
+
+def _load_artifact(backend: str, path: Path) -> Callable:
+    if backend == "aoti":
+        return torch._inductor.aoti_load_package(str(path))
+    if backend == "tensorrt":
+        import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops before loading)
+    return torch.export.load(str(path)).module()
+
+
+def _metadata(backend, artifact, opts, dev, versions, whash, reports, validation, cache) -> dict[str, Any]:
+    return {
+        "metadata_version": METADATA_VERSION,
+        "file": artifact.name,
+        "backend": backend,
+        "artifact_format": ARTIFACT_FORMAT[backend],
+        "precision": opts.precision,
+        "input": {
+            "shape": [3, opts.input_size, opts.input_size],
+            "dtype": str(DTYPES[opts.precision]).replace("torch.", ""),
+            "batch": {"min": opts.batch[0], "opt": opts.batch[1], "max": opts.batch[2]},
+            "channels_last": opts.channels_last,
+        },
+        "device": dev,
+        "hardware_compatible": opts.hardware_compatible if backend == "tensorrt" else False,
+        "versions": versions,
+        "weight_hash": whash,
+        "source_model": opts.model,
+        "surgery": [r.to_dict() for r in reports],
+        "validation": validation,
+        "cache": cache,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _finish(artifact: Path, meta: dict[str, Any]) -> CompileResult:
+    metadata_path(artifact).write_text(json.dumps(meta, indent=2))
+    return CompileResult(artifact, meta)
+
+
+def _default_name(spec: str) -> str:
+    tail = spec.split(":", 1)[1] if spec.startswith("torchvision:") else Path(spec.partition(":")[0]).stem
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in tail)
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        parts = [1, parts[0], parts[0]]
+    if len(parts) != 3:
+        raise CompileError(f"--batch {text!r}: expected MIN,OPT,MAX (e.g. 1,8,32) or one number")
+    return parts[0], parts[1], parts[2]

@@ -1,0 +1,179 @@
+"""`tsgpu compile`: export / aoti / eager for real on CPU, the cache, metadata, artifact choice at load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from archiver_scripts.archive import build_archive
+from archiver_scripts.compile import CompileError, CompileOptions, compile_model
+from handlers.artifacts import ArtifactInfo, choose, refusal, library_versions
+from handlers.errors import ModelLoadError
+from handlers.image_classifier import ImageClassifier
+from handlers.testing import FakeContext, raw_request, run_handler
+from archiver_scripts import samples
+from tests import models
+
+MODEL = "tests/tiny_model.py:TinyClassifier"
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "weights.pt"
+    torch.save(models.make_model().state_dict(), path)
+    return path
+
+
+def opts(tmp_path, weights, **kw) -> CompileOptions:
+    base = dict(model=MODEL, weights=str(weights), output=tmp_path / "out", batch=(1, 4, 8),
+                cache_dir=tmp_path / "cache", name="tiny")
+    base.update(kw)
+    return CompileOptions(**base)
+
+
+def test_export_backend_metadata_and_validation(tmp_path, weights):
+    result = compile_model(opts(tmp_path, weights, backend="export"), log=quiet)
+    assert result.artifact.name == "tiny.export-cpu.pt2" and result.artifact.is_file()
+    meta = json.loads((tmp_path / "out" / "tiny.export-cpu.pt2.json").read_text())
+    assert meta["backend"] == "export" and meta["artifact_format"] == "exported_program"
+    assert meta["input"] == {"shape": [3, 224, 224], "dtype": "float32", "batch": {"min": 1, "opt": 4, "max": 8}, "channels_last": False}
+    assert meta["device"]["type"] == "cpu" and meta["versions"]["torch"] == torch.__version__
+    assert len(meta["weight_hash"]) == 64
+    assert meta["validation"]["passed"] and meta["validation"]["batch_sizes"] == [1, 4, 8]
+    assert meta["validation"]["max_abs_diff"] < 1e-3
+    assert [s["name"] for s in meta["surgery"]][:4] == ["eval", "remove_weight_reparametrizations", "drop_dropout", "fold_batchnorm"]
+    program = torch.export.load(str(result.artifact)).module()
+    x = torch.randn(6, 3, 224, 224)
+    with torch.inference_mode():
+        assert (program(x) - models.make_model()(x)).abs().max().item() < 1e-3  # dynamic batch works
+
+
+@pytest.mark.slow
+def test_aoti_backend_and_cache_hit(tmp_path, weights):
+    t0 = time.perf_counter()
+    first = compile_model(opts(tmp_path, weights, backend="aoti"), log=quiet)
+    built = time.perf_counter() - t0
+    assert first.meta["cache"]["hit"] is False and first.meta["validation"]["passed"]
+    t0 = time.perf_counter()
+    second = compile_model(opts(tmp_path, weights, backend="aoti", output=tmp_path / "out2"), log=quiet)
+    again = time.perf_counter() - t0
+    assert second.meta["cache"] == {"hit": True, "key": first.meta["cache"]["key"]}
+    assert again < built  # a hit copies and re-validates; it does not rebuild
+    # another input spec or precision is another key: never reused
+    third = compile_model(opts(tmp_path, weights, backend="aoti", batch=(1, 4, 16), output=tmp_path / "out3"), log=quiet)
+    assert third.meta["cache"]["hit"] is False and third.meta["cache"]["key"] != first.meta["cache"]["key"]
+
+
+def test_eager_backend_packs_the_model_code(tmp_path, weights):
+    result = compile_model(opts(tmp_path, weights, backend="eager"), log=quiet)
+    assert result.artifact.name == "tiny.eager-cpu.pt"
+    assert result.meta["model_class"] == "tiny_model.py:TinyClassifier"
+    assert (tmp_path / "out" / "tiny_model.py").is_file()
+
+
+def test_tensorrt_without_cuda_fails_clearly(tmp_path, weights):
+    with pytest.raises(CompileError, match="tensorrt: CompileError: TensorRT needs a CUDA device"):
+        compile_model(opts(tmp_path, weights, backend="tensorrt"), log=quiet)
+
+
+def test_auto_reports_fallbacks(tmp_path, weights, monkeypatch):
+    import archiver_scripts.compile as c
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated inductor failure")
+
+    monkeypatch.setitem(c.BUILDERS, "aoti", broken)
+    lines = []
+    result = compile_model(opts(tmp_path, weights), log=lines.append)
+    assert result.meta["backend"] == "export"
+    assert result.fallbacks == ["aoti: RuntimeError: simulated inductor failure"]
+    assert any("fallback: aoti" in line for line in lines)
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(batch=(4, 2, 8)), "need 1 <= min <= opt <= max"),
+    (dict(precision="fp8"), "--precision 'fp8'"),
+    (dict(backend="onnx"), "--backend 'onnx'"),
+    (dict(model="nowhere.py:Net"), "nowhere.py does not exist"),
+    (dict(model="torchvision:not_a_model"), "torchvision:not_a_model"),
+])
+def test_bad_options(tmp_path, weights, kw, fragment):
+    with pytest.raises(CompileError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        compile_model(opts(tmp_path, weights, **kw), log=quiet)
+
+
+def _info(backend, device_type="cpu", capability=None, torch_version=None, **extra):
+    versions = dict(library_versions())
+    if torch_version:
+        versions["torch"] = torch_version
+    meta = {"backend": backend, "device": {"type": device_type, "capability": capability}, "versions": versions}
+    meta.update(extra)
+    return ArtifactInfo(f"m.{backend}-{device_type}.pt2", meta)
+
+
+def test_artifact_choice_on_cpu():
+    cpu = torch.device("cpu")
+    candidates = [_info("tensorrt", "cuda", [9, 0]), _info("aoti", "cuda", [8, 0]), _info("export"), _info("aoti")]
+    best, lines = choose(candidates, cpu)
+    assert best.backend == "aoti" and best.meta["device"]["type"] == "cpu"
+    assert "refused: built for cuda, this worker runs on cpu" in lines[0]
+    assert lines[2].endswith("fits") and lines[3].endswith("fits")
+    stale = _info("aoti", torch_version="2.3.0")
+    assert "built with torch 2.3" in refusal(stale, cpu, library_versions())
+    with pytest.raises(ModelLoadError, match="no artifact in this archive can run on cpu"):
+        choose([_info("tensorrt", "cuda", [9, 0]), stale], cpu)
+
+
+def test_archive_with_several_artifacts_loads_the_best_fit(tmp_path, weights):
+    out = tmp_path / "out"
+    compile_model(opts(tmp_path, weights, backend="export"), log=quiet)
+    compile_model(opts(tmp_path, weights, backend="eager"), log=quiet)
+    # an artifact for a GPU this host does not have
+    gpu = out / "tiny.aoti-cuda.pt2"
+    shutil.copyfile(out / "tiny.export-cpu.pt2", gpu)
+    meta = json.loads((out / "tiny.export-cpu.pt2.json").read_text())
+    meta.update(backend="aoti", artifact_format="aoti", file=gpu.name, device={"type": "cuda", "name": "H100", "capability": [9, 0]})
+    (out / "tiny.aoti-cuda.pt2.json").write_text(json.dumps(meta))
+    labels = models.write_labels(tmp_path)
+    mar = build_archive("multi", [gpu, out / "tiny.export-cpu.pt2", out / "tiny.eager-cpu.pt"], tmp_path / "store",
+                        labels=labels, batch_size=4, log=quiet)
+    unpacked = tmp_path / "unpacked"
+    shutil.unpack_archive(mar, unpacked, "zip")
+    import yaml
+
+    cfg = yaml.safe_load((unpacked / "model-config.yaml").read_text())
+    assert cfg["handler"]["model"] == {"artifacts": ["tiny.aoti-cuda.pt2", "tiny.export-cpu.pt2", "tiny.eager-cpu.pt"]}
+    ctx = FakeContext(unpacked, serialized_file="tiny.aoti-cuda.pt2", handler_config=cfg["handler"], batch_size=4,
+                      model_yaml_config={"maxWorkers": 1})
+    handler = ImageClassifier()
+    handler.initialize(ctx)
+    assert handler.backbone.info.backend == "export" and handler.backbone.format == "exported_program"
+    (r,) = run_handler(handler, ctx, [raw_request(samples.encode(samples.photos()["chelsea"]))])
+    assert r.status == 200
+
+
+def test_batch_size_beyond_artifact_max_fails_load(tmp_path, weights):
+    result = compile_model(opts(tmp_path, weights, backend="export"), log=quiet)
+    ctx = FakeContext(result.artifact.parent, serialized_file=result.artifact.name, handler_config={}, batch_size=16,
+                      model_yaml_config={"maxWorkers": 1})
+    with pytest.raises(ModelLoadError, match="batchSize 16 exceeds the artifact's max batch 8"):
+        ImageClassifier().initialize(ctx)
+
+
+def test_single_artifact_for_another_device_is_refused(tmp_path, weights):
+    result = compile_model(opts(tmp_path, weights, backend="export"), log=quiet)
+    meta_path = result.artifact.with_name(result.artifact.name + ".json")
+    meta = json.loads(meta_path.read_text())
+    meta.update(backend="aoti", device={"type": "cuda", "capability": [9, 0]})
+    meta_path.write_text(json.dumps(meta))
+    ctx = FakeContext(result.artifact.parent, serialized_file=result.artifact.name, handler_config={}, batch_size=4)
+    with pytest.raises(ModelLoadError, match="cannot run on this worker: built for cuda"):
+        ImageClassifier().initialize(ctx)
