@@ -36,3 +36,15 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference_model():
     return models.make_model()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA; on a CPU-only host they are skipped, never faked."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (GPU-only path; see docs/gpu-verification.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -177,3 +177,25 @@ def test_single_artifact_for_another_device_is_refused(tmp_path, weights):
     ctx = FakeContext(result.artifact.parent, serialized_file=result.artifact.name, handler_config={}, batch_size=4)
     with pytest.raises(ModelLoadError, match="cannot run on this worker: built for cuda"):
         ImageClassifier().initialize(ctx)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_tensorrt_on_gpu(tmp_path, weights, precision):
+    pytest.importorskip("torch_tensorrt", reason="torch-tensorrt not installed")
+    result = compile_model(opts(tmp_path, weights, backend="tensorrt", device="cuda", precision=precision), log=quiet)
+    meta = result.meta
+    assert meta["backend"] == "tensorrt" and meta["validation"]["passed"]
+    assert meta["device"]["capability"] == list(torch.cuda.get_device_capability())
+    assert meta["versions"]["tensorrt"] and meta["versions"]["torch_tensorrt"]
+    again = compile_model(opts(tmp_path, weights, backend="tensorrt", device="cuda", precision=precision,
+                               output=tmp_path / "again"), log=quiet)
+    assert again.meta["cache"]["hit"] is True
+
+
+@pytest.mark.gpu
+def test_aoti_on_gpu_is_chosen_over_cpu_artifact(tmp_path, weights):
+    gpu = compile_model(opts(tmp_path, weights, backend="aoti", device="cuda"), log=quiet)
+    cpu = compile_model(opts(tmp_path, weights, backend="export"), log=quiet)
+    best, _ = choose([ArtifactInfo.read(cpu.artifact), ArtifactInfo.read(gpu.artifact)], torch.device("cuda", 0))
+    assert best.backend == "aoti"
