@@ -24,7 +24,8 @@ import torch
 from .backbone import Backbone, load_backbone, warm_up
 from .config import HandlerConfig, load_handler_config
 from .errors import ConfigError, ModelLoadError, RequestError
-from .inputs import parameter_content_types, read_image_bytes
+from .fetch import fetch_all
+from .inputs import UrlInput, parameter_content_types, read_image_bytes
 from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import apply_torch_threads, cpu_threads_per_worker, select_device
 
@@ -145,14 +146,14 @@ class VisionHandler(BaseHandler):
 
         encoded: list[bytes] = []
         owners: list[int] = []  # input index of each encoded item
-        for i, row in enumerate(data):
-            try:
-                encoded.append(self.read_input(row, i))
-                owners.append(i)
-            except RequestError as err:
-                errors[i] = err
-
         timings: dict[str, float] = {}
+        for i, item in enumerate(self._read_all(data, timings)):
+            if isinstance(item, RequestError):
+                errors[i] = item
+            else:
+                encoded.append(item)
+                owners.append(i)
+
         if encoded:
             assert self.preprocessor is not None
             t0 = time.perf_counter()
@@ -177,11 +178,27 @@ class VisionHandler(BaseHandler):
         self._report(context, timings, errors, started)
         return responses
 
+    def _read_all(self, data: list[Any], timings: dict[str, float]) -> list[bytes | RequestError]:
+        """Every row's bytes or error; URL items of the batch are downloaded concurrently."""
+        items: list[bytes | UrlInput | RequestError] = []
+        for i, row in enumerate(data):
+            try:
+                items.append(self.read_input(row, i))
+            except RequestError as err:
+                items.append(err)
+        urls = [(i, item.url) for i, item in enumerate(items) if isinstance(item, UrlInput)]
+        if urls:
+            t0 = time.perf_counter()
+            for (i, _), fetched in zip(urls, fetch_all([u for _, u in urls], self.config.url)):
+                items[i] = fetched
+            timings["FetchTime"] = time.perf_counter() - t0
+        return items  # type: ignore[return-value]  (no UrlInput is left)
+
     # -- override points -------------------------------------------------------------------------
 
-    def read_input(self, row: Any, idx: int) -> bytes:
-        """One request row -> encoded image bytes (raise RequestError for a bad row)."""
-        return read_image_bytes(row, self.config.inputs, parameter_content_types(self.context, idx))
+    def read_input(self, row: Any, idx: int) -> bytes | UrlInput:
+        """One request row -> encoded image bytes, or a UrlInput to fetch (raise RequestError for a bad row)."""
+        return read_image_bytes(row, self.config.inputs, parameter_content_types(self.context, idx), self.config.url)
 
     def forward(self, x: torch.Tensor) -> Any:
         """Run the backbone on a preprocessed batch (called under torch.inference_mode)."""

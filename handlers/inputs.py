@@ -7,7 +7,9 @@ application/json), a multipart form as one entry per field. Accepted:
 - raw bytes (`Content-Type: application/octet-stream` or an image type);
 - one multipart field holding the image (any field name);
 - JSON `{"data": "<base64>"}` or `{"b64": "<base64>"}` (keys configurable; a `data:` URI prefix is
-  allowed).
+  allowed);
+- JSON `{"url": "https://..."}`: returned as a `UrlInput`, fetched later for the whole batch at
+  once by `handlers.fetch` (when `handler.url.enabled`).
 
 Anything else raises a RequestError for that request only.
 """
@@ -18,20 +20,36 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .config import InputConfig
 from .errors import InvalidInput, PayloadTooLarge
+from .fetch import UrlConfig
+
+URL_KEY = "url"
+
+
+@dataclass(frozen=True)
+class UrlInput:
+    """An image to download (see handlers.fetch); what `read_image_bytes` returns for {"url": ...}."""
+
+    url: str
 
 # Field names tried, in order, when a multipart form carries several fields.
 _PREFERRED_FIELDS = ("body", "data", "image", "file")
 _DATA_URI = re.compile(rb"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
-def read_image_bytes(row: Any, cfg: InputConfig, content_types: Mapping[str, str] | None = None) -> bytes:
-    """The encoded image of one request row; raises InvalidInput/PayloadTooLarge on bad input."""
+def read_image_bytes(
+    row: Any, cfg: InputConfig, content_types: Mapping[str, str] | None = None, url_cfg: UrlConfig | None = None
+) -> bytes | UrlInput:
+    """The encoded image of one request row (or the URL to fetch it from); raises a RequestError
+    (InvalidInput, PayloadTooLarge) on bad input."""
     name, value = _pick_field(row)
     content_type = (content_types or {}).get(name, "") if name else ""
+    if isinstance(value, Mapping) and URL_KEY in value:
+        return _url_input(value, cfg, url_cfg)
     data = _to_bytes(value, cfg, content_type)
     if not data:
         raise InvalidInput("empty request: no image bytes in the body")
@@ -94,11 +112,23 @@ def _to_bytes(value: Any, cfg: InputConfig, content_type: str) -> bytes:
     )
 
 
+def _url_input(obj: Mapping[str, Any], cfg: InputConfig, url_cfg: UrlConfig | None) -> UrlInput:
+    if url_cfg is None or not url_cfg.enabled:
+        raise InvalidInput("this model does not accept image URLs (handler.url.enabled is false); send the bytes")
+    others = [k for k in cfg.json_keys if k in obj]
+    if others:
+        raise InvalidInput(f"JSON body has both 'url' and {', '.join(repr(k) for k in others)}; send exactly one image")
+    url = obj[URL_KEY]
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput(f"JSON key 'url' must be a non-empty string, got {type(url).__name__}")
+    return UrlInput(url.strip())
+
+
 def _from_json_object(obj: Mapping[str, Any], cfg: InputConfig) -> bytes:
     keys = [k for k in cfg.json_keys if k in obj]
     if not keys:
         found = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
-        accepted = ", ".join(repr(k) for k in cfg.json_keys)
+        accepted = ", ".join(repr(k) for k in (*cfg.json_keys, URL_KEY))
         raise InvalidInput(f"JSON body has no image key: expected one of {accepted}, found {found}")
     if len(keys) > 1:
         raise InvalidInput(f"JSON body has several image keys ({', '.join(keys)}); send exactly one")

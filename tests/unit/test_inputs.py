@@ -37,7 +37,7 @@ def test_accepted_shapes(row, types):
     ({"body": b""}, {}, "empty"),
     ({}, {}, "empty request"),
     ({"body": None}, {}, "empty"),
-    ({"body": {"image": B64}}, {}, "expected one of 'data', 'b64', found 'image'"),
+    ({"body": {"image": B64}}, {}, "expected one of 'data', 'b64', 'url', found 'image'"),
     ({"body": {}}, {}, "found none"),
     ({"body": {"data": B64, "b64": B64}}, {}, "several image keys"),
     ({"body": {"data": 123}}, {}, "must be a base64 string"),
