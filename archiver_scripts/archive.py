@@ -21,6 +21,8 @@ import yaml
 import handlers
 from handlers.artifacts import ArtifactInfo, metadata_path
 from handlers.config import HandlerConfig, apply_overrides
+from handlers.errors import ConfigError
+from handlers.labels import load_labels
 
 TASKS = {
     "image-classification": "handlers.image_classifier:ImageClassifier",
@@ -158,14 +160,13 @@ def _split_target(value: str, flag: str, suffix: str = "") -> tuple[str, str]:
 
 
 def _check_labels(path: Path) -> None:
+    """Read the labels exactly as the handler will at load, so a bad file fails the build."""
     if not path.is_file():
         raise ArchiveError(f"--labels {path}: no such file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArchiveError(f"--labels {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ArchiveError(f"--labels {path}: expected a JSON object {{\"0\": \"name\", ...}}, got {type(data).__name__}")
+        load_labels(path)
+    except ConfigError as exc:
+        raise ArchiveError(f"--labels {path}: {exc}") from None
 
 
 def _stage(

@@ -267,7 +267,7 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     original, source = load_model(opts.model, opts.weights, opts.num_classes)
     whash = weight_hash(original)
     name = opts.name or _default_name(opts.model)
-    reference = original.to(device)
+    original.to(device)  # in place: validation compares against it on the target device
     sample = torch.randn((opt, 3, opts.input_size, opts.input_size), generator=torch.Generator().manual_seed(1)).to(device)
 
     log("[2/4] surgery" + ("" if opts.surgery else " skipped (--no-surgery)"))

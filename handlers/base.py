@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from .errors import ConfigError, ModelLoadError, RequestError
 from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
 from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
-from .runtime import apply_torch_threads, cpu_threads_per_worker, select_device
+from .runtime import MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
 
 
 def _import_torchserve_base() -> type:
@@ -59,6 +60,8 @@ class VisionHandler(BaseHandler):
         self.preprocessor: Preprocessor | None = None
         self.model_dir: Path = Path(".")
         self.batch_size = 1
+        self._fetch_pool: ThreadPoolExecutor | None = None
+        self._trimmer = MemoryTrimmer(0)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class VisionHandler(BaseHandler):
         decode_threads = self.config.preprocess.decode_threads or threads
         self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
         self.load_assets(self.model_dir)
+        self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
 
         max_batch = self.backbone.max_batch
         if max_batch is not None and self.batch_size > max_batch:
@@ -176,6 +180,7 @@ class VisionHandler(BaseHandler):
 
         responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
         self._report(context, timings, errors, started)
+        self._trimmer.maybe_trim()
         return responses
 
     def _read_all(self, data: list[Any], timings: dict[str, float]) -> list[bytes | RequestError]:
@@ -189,7 +194,9 @@ class VisionHandler(BaseHandler):
         urls = [(i, item.url) for i, item in enumerate(items) if isinstance(item, UrlInput)]
         if urls:
             t0 = time.perf_counter()
-            for (i, _), fetched in zip(urls, fetch_all([u for _, u in urls], self.config.url)):
+            if self._fetch_pool is None:
+                self._fetch_pool = ThreadPoolExecutor(self.config.url.max_concurrency, thread_name_prefix="fetch")
+            for (i, _), fetched in zip(urls, fetch_all([u for _, u in urls], self.config.url, self._fetch_pool)):
                 items[i] = fetched
             timings["FetchTime"] = time.perf_counter() - t0
         return items  # type: ignore[return-value]  (no UrlInput is left)

@@ -136,6 +136,8 @@ class HandlerConfig:
 
     threads: int = 0
     """torch intra-op threads per worker; 0 = this worker's share of the host's CPUs."""
+    malloc_trim_seconds: float = 10.0
+    """Return freed heap memory to the OS at most this often (glibc); 0 = never."""
     inputs: InputConfig = field(default_factory=InputConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -145,6 +147,8 @@ class HandlerConfig:
     def validate(self, path: str) -> None:
         if self.threads < 0:
             raise ConfigError(f"{path}.threads: must be >= 0, got {self.threads}")
+        if self.malloc_trim_seconds < 0:
+            raise ConfigError(f"{path}.malloc_trim_seconds: must be >= 0, got {self.malloc_trim_seconds}")
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None, path: str = "handler") -> HandlerConfig:

@@ -12,7 +12,6 @@ classes). `label` is the index as a string when the archive has no label for it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,37 +19,10 @@ from typing import Any
 import torch
 
 from .base import VisionHandler
-from .errors import ConfigError
+from .labels import LABELS_FILE, load_labels
 from .preprocess import Geometry
 
 logger = logging.getLogger(__name__)
-
-LABELS_FILE = "index_to_name.json"
-
-
-def load_labels(path: Path) -> dict[int, str]:
-    """Read an index -> name mapping; {} when the file is absent. Raises ConfigError if malformed."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path.name}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path.name}: expected a JSON object {{\"0\": \"name\", ...}}, got {type(raw).__name__}")
-    labels: dict[int, str] = {}
-    for key, value in raw.items():
-        try:
-            index = int(key)
-        except ValueError:
-            raise ConfigError(f"{path.name}: key {key!r} is not a class index") from None
-        if isinstance(value, list) and value:
-            value = value[-1]
-        if not isinstance(value, str):
-            raise ConfigError(f"{path.name}: label for {key!r} must be a string, got {value!r}")
-        labels[index] = value
-    return labels
-
 
 class ImageClassifier(VisionHandler):
     """Top-k classifier over a model that returns logits [N, num_classes]."""

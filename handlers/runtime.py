@@ -8,9 +8,12 @@ handler measured 11 QPS with defaults and 51 QPS with OMP_NUM_THREADS=1). So eac
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,3 +86,34 @@ def select_device(gpu_id: Any) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+class MemoryTrimmer:
+    """Give freed heap memory back to the OS every `interval` seconds (glibc's malloc_trim).
+
+    Decoding images of varying sizes leaves glibc holding freed memory in its arenas: in the soak
+    test a worker's RSS grew 25% in 10 minutes with no Python-level growth (tracemalloc) and stayed
+    flat with periodic trimming. A no-op where malloc_trim does not exist (musl, macOS).
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = time.monotonic()
+        self._trim = _malloc_trim() if interval > 0 else None
+
+    def maybe_trim(self) -> bool:
+        if self._trim is None or time.monotonic() - self._last < self.interval:
+            return False
+        self._trim(0)
+        self._last = time.monotonic()
+        return True
+
+
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -35,16 +35,19 @@ def e2e_store(tmp_path_factory) -> Path:
                   config=["classifier.top_k=3"], log=quiet)
     build_archive("tiny_eager", weights, store, model_class=f"{model_py}:TinyClassifier",
                   labels=labels, batch_size=4, log=quiet)
+    # URL inputs from the loopback test origin: allowed explicitly for this model only
+    build_archive("tiny_url", script, store, labels=labels, batch_size=8, max_batch_delay=20,
+                  config=["url.allowed_networks=[127.0.0.1/32]", "url.read_timeout=2"], log=quiet)
     return store
 
 
 @pytest.fixture(scope="session")
 def server(e2e_store, tmp_path_factory):
-    ts = TorchServe(e2e_store, models=["tiny.mar", "tiny_batch.mar", "tiny_eager.mar"],
+    ts = TorchServe(e2e_store, models=["tiny.mar", "tiny_batch.mar", "tiny_eager.mar", "tiny_url.mar"],
                     workdir=tmp_path_factory.mktemp("ts"), env={"OMP_NUM_THREADS": "1"})
     ts.start()
     try:
-        ts.wait_ready(["tiny", "tiny_batch", "tiny_eager"], timeout=240)
+        ts.wait_ready(["tiny", "tiny_batch", "tiny_eager", "tiny_url"], timeout=240)
         yield ts
     finally:
         ts.stop()

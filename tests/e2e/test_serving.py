@@ -156,17 +156,23 @@ def test_mixed_batch_gives_each_request_its_own_status(server, photo_set):
         (dict(data=good), 200),
     ]
     frontend_log = server.log_dir / "ts_log.log"
-    before = len(frontend_log.read_text())
-    with ThreadPoolExecutor(len(cases)) as pool:
-        responses = list(pool.map(lambda c: post(server, "tiny_batch", **c[0]), cases))
-    assert [r.status_code for r in responses] == [status for _, status in cases]
-    goods = [r.json() for r in responses if r.status_code == 200]
-    assert goods[0] == goods[1] == goods[2]
-    # Prove they really shared one batch: the handler reports RequestErrors once per batch, and the
-    # frontend logs that metric with the ids of every request in the batch.
-    new = frontend_log.read_text()[before:]
-    batches = re.findall(r"\[METRICS\]RequestErrors\.Count:(\d+)\|#ModelName:tiny_batch.*?#hostname:[^,]+,\d+,(\S+), pattern", new)
-    assert ("5", 8) in {(count, len(ids.split(","))) for count, ids in batches}, batches
+    # The statuses must be right every time. That the 8 requests really shared one batch is shown by
+    # the handler's per-batch RequestErrors metric, logged with the ids of every request in the
+    # batch; on a loaded host the requests can straddle two batches, so allow a few attempts.
+    shared = []
+    for _attempt in range(3):
+        before = len(frontend_log.read_text())
+        with ThreadPoolExecutor(len(cases)) as pool:
+            responses = list(pool.map(lambda c: post(server, "tiny_batch", **c[0]), cases))
+        assert [r.status_code for r in responses] == [status for _, status in cases]
+        goods = [r.json() for r in responses if r.status_code == 200]
+        assert goods[0] == goods[1] == goods[2]
+        new = frontend_log.read_text()[before:]
+        batches = re.findall(r"\[METRICS\]RequestErrors\.Count:(\d+)\|#ModelName:tiny_batch.*?#hostname:[^,]+,\d+,(\S+), pattern", new)
+        shared = [(count, len(ids.split(","))) for count, ids in batches]
+        if ("5", 8) in shared:
+            break
+    assert ("5", 8) in shared, shared
 
 
 def test_server_healthy_after_abuse_and_no_worker_restarts(server, photo_set):

@@ -25,3 +25,27 @@ def test_available_cpus_is_positive():
 
 def test_select_device_without_gpu_id_is_cpu():
     assert runtime.select_device(None).type == "cpu"
+
+
+def test_memory_trimmer_respects_its_interval(monkeypatch):
+    calls = []
+    trimmer = runtime.MemoryTrimmer(10.0)
+    trimmer._trim = calls.append  # glibc's malloc_trim is called with 0
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    trimmer._last = 100.0
+    assert trimmer.maybe_trim() is False
+    clock[0] = 111.0
+    assert trimmer.maybe_trim() is True and calls == [0]
+    assert trimmer.maybe_trim() is False
+    assert runtime.MemoryTrimmer(0).maybe_trim() is False
+
+
+def test_malloc_trim_is_found_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+
+        pytest.skip("not a glibc system")
+    assert runtime._malloc_trim() is not None
