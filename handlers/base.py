@@ -11,6 +11,7 @@ items of the batch are answered normally. Task handlers override `postprocess` (
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -84,23 +85,22 @@ class VisionHandler(BaseHandler):
 
         self.backbone = load_backbone(self.model_dir, self._model_file(), self.config.model, self.device)
         self.model = self.backbone.module
-        spec = PreprocessSpec.from_config(
-            self.config.preprocess, self.device, channels_last=self.backbone.channels_last
-        )
-        if spec.dtype != self.backbone.dtype:
-            logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
-            spec = PreprocessSpec(**{**spec.__dict__, "dtype": self.backbone.dtype})
-        decode_threads = self.config.preprocess.decode_threads or threads
-        self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
-        self.load_assets(self.model_dir)
-        self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
-
         max_batch = self.backbone.max_batch
         if max_batch is not None and self.batch_size > max_batch:
             raise ModelLoadError(
                 f"TorchServe batchSize {self.batch_size} exceeds the artifact's max batch {max_batch}: "
                 f"recompile with tsgpu compile --batch 1,{self.batch_size},{self.batch_size} or lower batchSize"
             )
+        spec = PreprocessSpec.from_config(
+            self.config.preprocess, self.device, channels_last=self.backbone.channels_last
+        )
+        if spec.dtype != self.backbone.dtype:
+            logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
+            spec = dataclasses.replace(spec, dtype=self.backbone.dtype)
+        decode_threads = self.config.preprocess.decode_threads or threads
+        self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
+        self.load_assets(self.model_dir)
+        self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
         if self.config.model.warmup:
             self._warm_up(spec)
         self.initialized = True
