@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
     args = parser.parse_args(argv)
     rng = random.Random(0)
 
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         store = work / "store"
         build_archive("soak", work / "mnv3.pt2", store, batch_size=8, max_batch_delay=10, workers=args.workers,
                       config=["url.allowed_networks=[127.0.0.1/32]", "url.read_timeout=5"], log=lambda m: None)
-        server = TorchServe(store, models=["soak.mar"], workdir=work / "ts")
+        env = dict(item.split("=", 1) for item in args.env)
+        server = TorchServe(store, models=["soak.mar"], workdir=work / "ts", env=env)
         with server:
             server.wait_ready(["soak"], timeout=300)
             url = f"{server.inference_url}/predictions/soak"
@@ -174,7 +176,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"soak {args.duration:.0f}s with {args.concurrency} clients; workers {pids_start}, "
                   f"RSS {[round(v / 2**20) for v in rss_start.values()]} MiB", flush=True)
             started = time.monotonic()
+            samples_rss: list[tuple[float, list[int]]] = []
+            done = threading.Event()
+
+            def sample() -> None:  # RSS every 30 s: a plateau and a leak look different
+                while not done.wait(30):
+                    samples_rss.append((time.monotonic() - started, [round(v / 2**20) for v in worker_rss(server).values()]))
+                    print(f"  t={samples_rss[-1][0]:.0f}s worker RSS {samples_rss[-1][1]} MiB", flush=True)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
             statuses, by_kind, total = drive(url, mix, args.duration, args.concurrency, seed=2)
+            done.set()
             elapsed = time.monotonic() - started
             pids_end = sorted(server.worker_pids())
             rss_end = worker_rss(server)
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests": total, "seconds": elapsed, "qps": total / elapsed, "statuses": statuses,
             "by_kind": [[*k, n] for k, n in by_kind.items()], "pids_start": pids_start, "pids_end": pids_end,
             "rss_start": rss_start, "rss_end": rss_end, "rss_growth_pct": growth, "five_xx": five_xx,
-            "restarts": restarts,
+            "restarts": restarts, "env": args.env,
         }, indent=2, default=str))
     return 0 if ok else 1
 

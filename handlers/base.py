@@ -29,7 +29,7 @@ from .errors import ConfigError, ModelLoadError, RequestError
 from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
 from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
-from .runtime import MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
+from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
 
 
 def _import_torchserve_base() -> type:
@@ -63,6 +63,7 @@ class VisionHandler(BaseHandler):
         self.batch_size = 1
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._trimmer = MemoryTrimmer(0)
+        self._heap_report = HeapReport()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -181,6 +182,7 @@ class VisionHandler(BaseHandler):
         responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
         self._report(context, timings, errors, started)
         self._trimmer.maybe_trim()
+        self._heap_report.maybe_report()
         return responses
 
     def _read_all(self, data: list[Any], timings: dict[str, float]) -> list[bytes | RequestError]:

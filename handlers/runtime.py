@@ -117,3 +117,33 @@ def _malloc_trim():
         return ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
         return None
+
+
+class HeapReport:
+    """Diagnostics: with TSGPU_HEAP_REPORT=/path and PYTHONTRACEMALLOC=1 in the server's environment,
+    write the Python allocation sites that grew since the first report, every `interval` seconds.
+    Off (and free) unless the variable is set; meant for soak investigations, not production."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.path = os.environ.get("TSGPU_HEAP_REPORT")
+        self.interval = interval
+        self._last = time.monotonic()
+        self._baseline = None
+
+    def maybe_report(self) -> None:
+        if not self.path or time.monotonic() - self._last < self.interval:
+            return
+        import tracemalloc
+
+        if not tracemalloc.is_tracing():
+            return
+        self._last = time.monotonic()
+        snapshot = tracemalloc.take_snapshot()
+        if self._baseline is None:
+            self._baseline = snapshot
+            return
+        lines = [str(stat) for stat in snapshot.compare_to(self._baseline, "lineno")[:25]]
+        traced, peak = tracemalloc.get_traced_memory()
+        with open(f"{self.path}.{os.getpid()}", "a") as out:
+            out.write(f"--- {time.strftime('%H:%M:%S')} traced {traced / 2**20:.1f} MiB (peak {peak / 2**20:.1f})\n")
+            out.write("\n".join(lines) + "\n")
