@@ -91,9 +91,9 @@ def select_device(gpu_id: Any) -> torch.device:
 class MemoryTrimmer:
     """Give freed heap memory back to the OS every `interval` seconds (glibc's malloc_trim).
 
-    Decoding images of varying sizes leaves glibc holding freed memory in its arenas: in the soak
-    test a worker's RSS grew 25% in 10 minutes with no Python-level growth (tracemalloc) and stayed
-    flat with periodic trimming. A no-op where malloc_trim does not exist (musl, macOS).
+    Decoding images of varying sizes leaves glibc holding freed memory in its arenas; trimming
+    returns it. (It does not stop the RSS growth seen in torchserve soak runs: docs/benchmarks.md.)
+    A no-op where malloc_trim does not exist (musl, macOS).
     """
 
     def __init__(self, interval: float) -> None:
