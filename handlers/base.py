@@ -93,7 +93,8 @@ class VisionHandler(BaseHandler):
                 f"recompile with tsgpu compile --batch 1,{self.batch_size},{self.batch_size} or lower batchSize"
             )
         spec = PreprocessSpec.from_config(
-            self.config.preprocess, self.device, channels_last=self.backbone.channels_last
+            self.config.preprocess, self.device, channels_last=self.backbone.channels_last,
+            max_batch=self.batch_size,
         )
         if spec.dtype != self.backbone.dtype:
             logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)

@@ -65,9 +65,16 @@ class PreprocessConfig:
     decode_threads: int = 0
     """Threads decoding one batch in parallel; 0 = the worker's CPU budget."""
     dtype: str = "float32"
+    hw_decoder_load: float = 0.65
+    """dali on a GPU: share of JPEG data sent to the hardware decoder (A100/H100), the rest to CUDA."""
+    gpu_cache_limit_mb: int = 256
+    """cvcuda: bound on CV-CUDA's tensor cache per device (it grows with distinct shapes otherwise)."""
 
     def validate(self, path: str) -> None:
         _choice(self.backend, PREPROCESS_BACKENDS, f"{path}.backend")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ConfigError(f"{path}.hw_decoder_load: must be within 0..1, got {self.hw_decoder_load}")
+        _positive(self.gpu_cache_limit_mb, f"{path}.gpu_cache_limit_mb")
         _positive(self.resize_size, f"{path}.resize_size")
         _positive(self.crop_size, f"{path}.crop_size")
         if self.crop_size > self.resize_size:

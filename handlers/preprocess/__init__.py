@@ -1,6 +1,6 @@
 """Preprocess backends: encoded image bytes -> one model-ready tensor, per-item geometry and errors.
 
-Every backend module (`cpu`, later `torchvision_gpu`, `dali`, `cvcuda`) exposes the same names:
+Every backend module (`cpu`, `torchvision_gpu`, `dali`, `cvcuda`) exposes the same names:
 
     NAME: str
     availability(device) -> str | None     # None when usable, else why not (with an install hint)
@@ -25,8 +25,14 @@ from ..errors import ConfigError, RequestError
 # Best first: `auto` takes the first one available on the worker's device.
 _BACKEND_MODULES = {
     "cpu": "handlers.preprocess.cpu",
+    "torchvision": "handlers.preprocess.torchvision_gpu",
+    "dali": "handlers.preprocess.dali",
+    "cvcuda": "handlers.preprocess.cvcuda",
 }
-_AUTO_ORDER_GPU: tuple[str, ...] = ()
+# On a GPU: DALI (hardware JPEG decoder + fused resize/normalise), then CV-CUDA, then torchvision's
+# nvJPEG (always installed with torchvision). On a CPU the `cpu` backend is the fast one: the others
+# run there (dali as a CPU pipeline, torchvision with libjpeg-turbo) but without draft decoding.
+_AUTO_ORDER_GPU: tuple[str, ...] = ("dali", "cvcuda", "torchvision")
 _AUTO_ORDER_CPU = ("cpu",)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,10 +53,15 @@ class PreprocessSpec:
     jpeg_draft: bool = True
     draft_min_ratio: float = 2.0
     max_image_pixels: int = 50_000_000
+    max_batch: int = 1
+    """Largest batch run() will be given (TorchServe's batchSize); larger ones are split."""
+    hw_decoder_load: float = 0.65
+    gpu_cache_limit_mb: int = 256
 
     @classmethod
     def from_config(
-        cls, cfg: PreprocessConfig, device: torch.device, channels_last: bool = False
+        cls, cfg: PreprocessConfig, device: torch.device, channels_last: bool = False,
+        max_batch: int = 1,
     ) -> PreprocessSpec:
         return cls(
             resize_size=cfg.resize_size,
@@ -64,6 +75,9 @@ class PreprocessSpec:
             jpeg_draft=cfg.jpeg_draft,
             draft_min_ratio=cfg.draft_min_ratio,
             max_image_pixels=cfg.max_image_pixels,
+            max_batch=max(1, max_batch),
+            hw_decoder_load=cfg.hw_decoder_load,
+            gpu_cache_limit_mb=cfg.gpu_cache_limit_mb,
         )
 
 

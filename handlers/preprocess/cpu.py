@@ -97,6 +97,10 @@ class CpuPreprocessor:
         self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(spec.dtype)
         self._shift = (mean / std).view(1, 3, 1, 1).to(spec.dtype)
         self._buffer = torch.empty((0, spec.crop_size, spec.crop_size, 3), dtype=torch.uint8)
+        # On a GPU worker the host buffer is pinned and reused, so the upload is a real async DMA;
+        # an event marks when the last upload has read it, before the next batch overwrites it.
+        self._pinned = spec.device.type == "cuda"
+        self._uploaded: torch.cuda.Event | None = None
 
     # -- public interface ------------------------------------------------------------------------
 
@@ -127,11 +131,14 @@ class CpuPreprocessor:
     # -- internals -------------------------------------------------------------------------------
 
     def _ensure_buffer(self, n: int) -> torch.Tensor:
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
         if self._buffer.shape[0] < n:
             crop = self.spec.crop_size
             # Reused across batches: the float tensor below is a new allocation, so the next
-            # batch may overwrite this one as soon as run() returns.
-            self._buffer = torch.empty((n, crop, crop, 3), dtype=torch.uint8)
+            # batch may overwrite this one once its upload (if any) has completed.
+            self._buffer = torch.empty((n, crop, crop, 3), dtype=torch.uint8, pin_memory=self._pinned)
         return self._buffer
 
     def _normalise(self, buffer: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -142,15 +149,18 @@ class CpuPreprocessor:
         if not self.spec.channels_last:
             nchw = nchw.contiguous()
         x = nchw.to(device=self.spec.device, dtype=self.spec.dtype, non_blocking=True)
+        if self._pinned:
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record(torch.cuda.current_stream(x.device))
         scale, shift = self._scale.to(x.device), self._shift.to(x.device)
         return x.mul_(scale).sub_(shift)
 
 
-def decode_into(data: bytes, spec: PreprocessSpec, resample: int, out: np.ndarray) -> Geometry:
-    """Decode one encoded image and write its preprocessed crop (H, W, 3 uint8) into `out`.
+def open_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
+    """Open (not decode) an encoded image and check its header against the spec's limits.
 
-    Raises a RequestError subclass for anything wrong with the bytes; never anything else for bad
-    input (the fuzz tests hold it to that).
+    Raises a RequestError subclass for anything wrong with the bytes: 400 empty, 415 not an accepted
+    format, 413 too many pixels.
     """
     if not data:
         raise InvalidInput("empty image: the request carried no bytes")
@@ -166,16 +176,28 @@ def decode_into(data: bytes, spec: PreprocessSpec, resample: int, out: np.ndarra
             f"not a supported image format ({len(data)} bytes starting {data[:8]!r}); "
             f"accepted: JPEG, PNG, WebP, GIF, BMP, TIFF"
         ) from exc
-    with image:
+    fmt = image.format or ""
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        image.close()
+        raise InvalidInput(f"{fmt} image has an empty size {width}x{height}")
+    if width * height > spec.max_image_pixels:
+        image.close()
+        raise PayloadTooLarge(
+            f"{fmt} image is {width}x{height} = {width * height} pixels; this model accepts "
+            f"at most {spec.max_image_pixels} (handler.preprocess.max_image_pixels)"
+        )
+    return image
+
+
+def decode_into(data: bytes, spec: PreprocessSpec, resample: int, out: np.ndarray) -> Geometry:
+    """Decode one encoded image and write its preprocessed crop (H, W, 3 uint8) into `out`.
+
+    Raises a RequestError subclass for anything wrong with the bytes; never anything else for bad
+    input (the fuzz tests hold it to that).
+    """
+    with open_image(data, spec) as image:
         fmt = image.format or ""
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise InvalidInput(f"{fmt} image has an empty size {width}x{height}")
-        if width * height > spec.max_image_pixels:
-            raise PayloadTooLarge(
-                f"{fmt} image is {width}x{height} = {width * height} pixels; this model accepts "
-                f"at most {spec.max_image_pixels} (handler.preprocess.max_image_pixels)"
-            )
         try:
             return _decode_checked(image, fmt, spec, resample, out)
         except RequestError:
@@ -196,10 +218,10 @@ def _decode_checked(
         if scale < 0.5:  # libjpeg can reduce by 2, 4 or 8 at least; draft picks the largest that fits
             image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
     image.load()
-    orientation = _orientation(image)
-    if orientation in _ORIENTATION:
-        image = image.transpose(_ORIENTATION[orientation])
-        if orientation >= 5:  # 90-degree turns swap the axes
+    turn = orientation(image)
+    if turn in _ORIENTATION:
+        image = image.transpose(_ORIENTATION[turn])
+        if turn >= 5:  # 90-degree turns swap the axes
             width, height = height, width
     image = _to_rgb(image)
 
@@ -218,7 +240,8 @@ def _decode_checked(
     )
 
 
-def _orientation(image: Image.Image) -> int:
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable."""
     try:
         return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
     except Exception:  # a broken EXIF block is no reason to refuse the picture

@@ -1,0 +1,200 @@
+"""What the accelerated preprocess backends (torchvision, dali, cvcuda) share.
+
+Every accelerated backend runs the same sequence, so each one only says which items it takes and
+how it decodes + resizes them:
+
+  1. probe  every item's header with Pillow (nothing decoded): 400/413/415 come out here, before
+     any GPU work, so a hostile item never reaches a GPU decoder, and the geometry (resize size,
+     crop box, and the crop's box in original pixels) is planned from the header alone;
+  2. split  the items the backend accepts (`accepts`) from the rest (formats or colour modes its
+     decoder does not handle, e.g. CMYK JPEG, GIF, 16-bit PNG);
+  3. run    the accepted items through the backend (`accelerate`), which returns the normalised
+     rows it produced and the positions it could not decode;
+  4. fall back: the rest, plus anything the backend refused, go through the CPU backend (same
+     numerical contract), so a corrupt item gets its own 4xx from the CPU decoder and a valid
+     image the GPU decoder dislikes still succeeds; if the backend fails a whole batch (a DALI
+     pipeline error), the whole batch takes this path, logged;
+  5. assemble one tensor in input order on the model's device, dtype and layout.
+
+All device work is issued on the current CUDA stream of the model's device, the stream the model
+runs on, so preprocessing and inference are ordered without host synchronisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RequestError
+from . import Batch, Geometry, PreprocessSpec
+from .cpu import CpuPreprocessor, center_crop_box, open_image, orientation, resized_size
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One item checked from its header: what it is and where its crop comes from.
+
+    `source_box` is the crop (left, top, right, bottom) in the pixels of the full-resolution,
+    EXIF-oriented image: resizing exactly that box to crop x crop gives the same pixels as resizing
+    the whole image and cropping (torchvision's Resize + CenterCrop).
+    """
+
+    format: str
+    mode: str
+    orientation: int
+    geometry: Geometry
+    source_box: tuple[float, float, float, float]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) after EXIF orientation."""
+        return self.geometry.original_size
+
+
+def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
+    """Read one item's header and plan its geometry. Raises RequestError for bad bytes or limits."""
+    with open_image(data, spec) as image:
+        fmt, mode, turn = image.format or "", image.mode, orientation(image)
+        width, height = image.size
+    if turn >= 5:  # 90-degree turns swap the axes
+        width, height = height, width
+    resized_w, resized_h = resized_size(width, height, spec.resize_size)
+    box = center_crop_box(resized_w, resized_h, spec.crop_size)
+    sx, sy = width / resized_w, height / resized_h
+    return Plan(
+        format=fmt,
+        mode=mode,
+        orientation=turn,
+        geometry=Geometry(
+            original_size=(width, height),
+            resized_size=(resized_w, resized_h),
+            crop_box=box,
+            source_format=fmt,
+        ),
+        source_box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy),
+    )
+
+
+class Normaliser:
+    """(x/255 - mean)/std as one multiply and one subtract, constants cached per device."""
+
+    def __init__(self, spec: PreprocessSpec) -> None:
+        std = torch.tensor(spec.std, dtype=torch.float32)
+        mean = torch.tensor(spec.mean, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
+        self._shift = (mean / std).view(1, 3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a float NCHW tensor of 0..255 values in place; returns it."""
+        if x.device not in self._on_device:
+            self._on_device[x.device] = (self._scale.to(x.device), self._shift.to(x.device))
+        scale, shift = self._on_device[x.device]
+        return x.mul_(scale).sub_(shift)
+
+
+class AcceleratedPreprocessor:
+    """Base of the accelerated backends: probe, split, accelerate, fall back, assemble.
+
+    Subclasses set `name` and implement `accepts(plan)` and `accelerate(items, plans)`.
+    """
+
+    name = "accelerated"
+
+    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
+        self.spec = spec
+        self.normalise = Normaliser(spec)
+        self.fallback = CpuPreprocessor(spec, threads)
+        self.fallback_items = 0  # items that took the CPU path (tests and logs read it)
+        self.failed_batches = 0  # batches the backend failed as a whole
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def accepts(self, plan: Plan) -> bool:
+        raise NotImplementedError
+
+    def accelerate(self, items: list[bytes], plans: list[Plan]) -> tuple[torch.Tensor | None, list[int]]:
+        """Decode + resize + crop + normalise `items` (all accepted).
+
+        Returns (rows, failed): `rows` holds one normalised row per item not in `failed`, in order,
+        on the model's device as float32 or the model's dtype, NCHW in any memory layout;
+        `failed` lists the positions (into `items`) to retry on the CPU path. Raising fails the
+        batch over to the CPU path as a whole.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.fallback.close()
+
+    # -- the fixed sequence ----------------------------------------------------------------------
+
+    def run(self, items: list[bytes]) -> Batch:
+        n = len(items)
+        geometry: list[Geometry | None] = [None] * n
+        errors: list[RequestError | None] = [None] * n
+        fast: list[int] = []
+        plans: list[Plan] = []
+        slow: list[int] = []
+        for i, data in enumerate(items):
+            try:
+                plan = plan_item(data, self.spec)
+            except RequestError as err:
+                errors[i] = err
+                continue
+            if self.accepts(plan):
+                fast.append(i)
+                plans.append(plan)
+            else:
+                slow.append(i)
+
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        if fast:
+            try:
+                rows, failed = self.accelerate([items[i] for i in fast], plans)
+            except Exception as exc:  # a backend failing a whole batch must not fail the request
+                self.failed_batches += 1
+                logger.warning(
+                    "%s backend failed a batch of %d (%s: %s); decoding it on the CPU path",
+                    self.name, len(fast), type(exc).__name__, exc,
+                )
+                rows, failed = None, list(range(len(fast)))
+            failed_set = set(failed)
+            done = [i for k, i in enumerate(fast) if k not in failed_set]
+            for k, i in enumerate(fast):
+                if k not in failed_set:
+                    geometry[i] = plans[k].geometry
+            if done:
+                assert rows is not None and rows.shape[0] == len(done), "backend returned a wrong row count"
+                parts.append((done, rows))
+            slow = sorted(slow + [fast[k] for k in failed])
+
+        if slow:
+            self.fallback_items += len(slow)
+            cpu = self.fallback.run([items[i] for i in slow])
+            for k, i in enumerate(slow):
+                geometry[i], errors[i] = cpu.geometry[k], cpu.errors[k]
+            if cpu.tensor is not None:
+                parts.append(([slow[k] for k in cpu.rows], cpu.tensor))
+
+        rows_all = sorted(i for indices, _ in parts for i in indices)
+        return Batch(tensor=self._assemble(parts, rows_all), rows=rows_all, geometry=geometry, errors=errors)
+
+    def _assemble(self, parts: list[tuple[list[int], torch.Tensor]], rows: list[int]) -> torch.Tensor | None:
+        if not parts:
+            return None
+        spec = self.spec
+        memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        if len(parts) == 1:
+            return parts[0][1].to(device=spec.device, dtype=spec.dtype, memory_format=memory_format)
+        crop = spec.crop_size
+        out = torch.empty((len(rows), 3, crop, crop), dtype=spec.dtype, device=spec.device)
+        out = out.contiguous(memory_format=memory_format)
+        position = {i: r for r, i in enumerate(rows)}
+        for indices, tensor in parts:
+            index = torch.tensor([position[i] for i in indices], device=spec.device)
+            out.index_copy_(0, index, tensor.to(device=spec.device, dtype=spec.dtype))
+        return out
