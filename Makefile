@@ -8,6 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tsgpu-installed
+TEST_STAMP := $(VENV)/.tsgpu-test-installed
 
 .PHONY: demo test bench clean help
 
@@ -24,11 +25,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Tests also run the DALI backend as a CPU pipeline: install it, and fail (not skip) without it.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,dali]'
+	@touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/tsgpu demo --model-store model_store
 
-test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+test: $(TEST_STAMP)
+	TSGPU_REQUIRE_DALI=1 $(PY) -m pytest -q -rs tests
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet captum  # TorchServe's stock vision handler imports it

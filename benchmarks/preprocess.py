@@ -5,7 +5,13 @@ CenterCrop(224) -> ToTensor -> Normalize, one image at a time, then torch.stack)
 vision handlers do it. Each backend gets the same encoded JPEGs and the same thread budget
 (`--threads`, default 1 = one worker's share on a 2-core host running 2 workers).
 
-    python benchmarks/preprocess.py [--sizes 1080p 4k] [--batches 1 8 32 64] [--threads 1]
+Backends: every one available on `--device` (cpu: cpu, torchvision with libjpeg-turbo, dali as a
+CPU pipeline; cuda: torchvision nvJPEG, dali mixed, cvcuda, and cpu with upload). On CUDA each
+timed run ends with a synchronize, so the figures include all device work. The issue's GPU target
+is printed: the best GPU backend at least 10x the stock CPU path per worker on 1080p JPEGs.
+
+    python benchmarks/preprocess.py [--device cpu|cuda] [--backends ...] [--sizes 1080p 4k]
+                                    [--batches 1 8 32 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,8 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from archiver_scripts import samples  # noqa: E402
-from handlers.preprocess import PreprocessSpec  # noqa: E402
-from handlers.preprocess.cpu import CpuPreprocessor  # noqa: E402
+from handlers.preprocess import _BACKEND_MODULES, PreprocessSpec, backend_module  # noqa: E402
 
 SIZES = {"1080p": (1920, 1080), "4k": (3840, 2160)}
 
@@ -40,11 +45,13 @@ def stock_path(items: list[bytes]) -> torch.Tensor:
     return torch.stack([transform(Image.open(io.BytesIO(d)).convert("RGB")) for d in items])
 
 
-def throughput(fn, items: list[bytes], min_seconds: float) -> float:
-    fn(items)  # warm-up: plugins, buffers, thread pool
+def throughput(fn, items: list[bytes], min_seconds: float, sync=lambda: None) -> float:
+    fn(items)  # warm-up: plugins, buffers, thread pool, pipelines
+    sync()
     done, started = 0, time.perf_counter()
     while True:
         fn(items)
+        sync()
         done += len(items)
         elapsed = time.perf_counter() - started
         if elapsed >= min_seconds:
@@ -58,28 +65,60 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="decode threads (and torch threads) per backend")
     parser.add_argument("--quality", type=int, default=85)
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum measured time per cell")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--backends", nargs="+", default=None, help="default: all available on --device")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    backends = {
-        "stock PIL+torchvision": stock_path,
-        "cpu (default: draft)": CpuPreprocessor(PreprocessSpec(), args.threads).run,
-        "cpu (jpeg_draft=false)": CpuPreprocessor(PreprocessSpec(jpeg_draft=False), args.threads).run,
-    }
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, torch {torch.__version__}, "
-          f"threads {args.threads}, JPEG quality {args.quality}")
-    print("| size | batch | " + " | ".join(backends) + " | best cpu / stock |")
-    print("|---|---:|" + "---:|" * len(backends) + "---:|")
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = args.backends or list(_BACKEND_MODULES)
+    backends = {"stock PIL+torchvision (cpu)": stock_path}
+    skipped = {}
+    for name in names:
+        module = backend_module(name)
+        reason = module.availability(device)
+        if reason:
+            skipped[name] = reason
+            continue
+        for label, extra in _variants(name):
+            spec = PreprocessSpec(device=device, max_batch=max(args.batches), **extra)
+            backends[label] = module.create(spec, args.threads).run
+    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {_device_name(device)}, torch "
+          f"{torch.__version__}, threads {args.threads}, JPEG quality {args.quality}")
+    for name, reason in skipped.items():
+        print(f"# not measured: {name}: {reason}")
+    ours = [label for label in backends if not label.startswith("stock")]
+    print("| size | batch | " + " | ".join(backends) + " | best / stock |")
+    print("|---|---:|" + "---:|" * len(backends) + "---|")
+    best_1080p = 0.0
     for size in args.sizes:
         pool = [samples.encode(samples.mosaic(*SIZES[size], offset=i), "JPEG", quality=args.quality) for i in range(8)]
         for batch in args.batches:
             items = [pool[i % len(pool)] for i in range(batch)]
-            rates = {name: throughput(fn, items, args.seconds) for name, fn in backends.items()}
-            base = rates["stock PIL+torchvision"]
-            best = max(v for k, v in rates.items() if k.startswith("cpu"))
+            rates = {name: throughput(fn, items, args.seconds, sync) for name, fn in backends.items()}
+            base = rates["stock PIL+torchvision (cpu)"]
+            best = max(ours, key=lambda k: rates[k])
+            if size == "1080p":
+                best_1080p = max(best_1080p, rates[best] / base)
             cells = " | ".join(f"{rates[name]:.1f}" for name in backends)
-            print(f"| {size} | {batch} | {cells} | {best / base:.2f}x |", flush=True)
-    print("(images/s; GPU backends are not built yet)")
+            print(f"| {size} | {batch} | {cells} | {rates[best] / base:.2f}x ({best}) |", flush=True)
+    print("(images/s per worker)")
+    if device.type == "cuda" and "1080p" in args.sizes:
+        verdict = "met" if best_1080p >= 10 else "NOT met"
+        print(f"GPU target (>= 10x the stock CPU path on 1080p JPEGs): best {best_1080p:.1f}x - {verdict}")
     return 0
+
+
+def _variants(name: str) -> list[tuple[str, dict]]:
+    if name == "cpu":
+        return [("cpu (draft)", {}), ("cpu (no draft)", {"jpeg_draft": False})]
+    return [(name, {})]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} torch threads)"
 
 
 if __name__ == "__main__":
