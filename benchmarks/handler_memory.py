@@ -2,9 +2,11 @@
 
 The same model and input mix as benchmarks/soak.py (raw, base64 and, with `url`/`trim`, URL inputs
 from a local HTTP server on 127.0.0.1), through FakeContext. Separates Python-level growth
-(`trace`: tracemalloc top growth) from allocator retention (`trim`: malloc_trim every 50 batches).
+(`trace`: tracemalloc top growth) from allocator retention (`trim`: malloc_trim every 50 batches),
+and (`cycles`) counts what only Python's cyclic garbage collector would free: request-sized objects
+kept alive by reference cycles until a full collection, which a busy worker rarely runs.
 
-    python benchmarks/handler_memory.py {plain,url,trim,trace} BATCHES
+    python benchmarks/handler_memory.py {plain,url,trim,trace,cycles} BATCHES
 """
 
 from __future__ import annotations
@@ -66,6 +68,37 @@ def main() -> int:
         ctx.metrics.calls.clear()
 
     process = psutil.Process()
+    if mode == "cycles":
+        gc.collect()
+        gc.disable()
+        for _ in range(batches):
+            batch()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        found = gc.collect()
+        gc.set_debug(0)
+        kinds: dict[str, int] = {}
+        for obj in gc.garbage:
+            kinds[type(obj).__name__] = kinds.get(type(obj).__name__, 0) + 1
+        top = sorted(kinds.items(), key=lambda kv: -kv[1])[:12]
+        tensors = sum(o.untyped_storage().nbytes() for o in gc.garbage if isinstance(o, torch.Tensor))
+        raw = sum(len(o) for o in gc.garbage if isinstance(o, (bytes, bytearray)))
+        print(f"mode cycles: {found} unreachable objects after {batches} batches (gc disabled): {top}")
+        print(f"  of which tensors {tensors / 2**20:.1f} MiB, bytes/bytearray {raw / 2**20:.1f} MiB")
+        if len(sys.argv) > 3:
+            names: dict[str, int] = {}
+            for obj in gc.garbage:
+                if type(obj).__name__ == "frame":
+                    key = f"{obj.f_code.co_filename.split('/')[-1]}:{obj.f_code.co_name}"
+                    names[key] = names.get(key, 0) + 1
+            print("  frames:", sorted(names.items(), key=lambda kv: -kv[1])[:15])
+            excs = {}
+            for obj in gc.garbage:
+                if isinstance(obj, BaseException):
+                    excs[type(obj).__name__] = excs.get(type(obj).__name__, 0) + 1
+            print("  exceptions:", excs)
+        gc.garbage.clear()
+        server.shutdown()
+        return 0
     if mode == "trace":
         tracemalloc.start(25)
     for _ in range(150):  # warm-up: every batch size and image size seen

@@ -12,6 +12,7 @@ items of the batch are answered normally. Task handlers override `postprocess` (
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -105,6 +106,11 @@ class VisionHandler(BaseHandler):
         self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
         if self.config.model.warmup:
             self._warm_up(spec)
+        # Move everything loaded so far (torch, the model, TorchServe) out of the collector's
+        # generations: full collections then scan only what requests create, so they stay cheap
+        # and run often enough that no request-sized cycle waits long.
+        gc.collect()
+        gc.freeze()
         self.initialized = True
         logger.info(
             "ready: %s, preprocess=%s (%d decode threads), torch threads=%d, batch size %d, "
@@ -193,7 +199,7 @@ class VisionHandler(BaseHandler):
             try:
                 items.append(self.read_input(row, i))
             except RequestError as err:
-                items.append(err)
+                items.append(err.detach())
         urls = [(i, item.url) for i, item in enumerate(items) if isinstance(item, UrlInput)]
         if urls:
             t0 = time.perf_counter()

@@ -152,7 +152,7 @@ def fetch_all(urls: list[str], cfg: UrlConfig, pool: ThreadPoolExecutor | None =
         try:
             return fetch_url(url, cfg)
         except RequestError as err:
-            return err
+            return err.detach()
 
     if len(urls) <= 1:
         return [one(u) for u in urls]

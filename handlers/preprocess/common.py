@@ -143,7 +143,7 @@ class AcceleratedPreprocessor:
             try:
                 plan = plan_item(data, self.spec)
             except RequestError as err:
-                errors[i] = err
+                errors[i] = err.detach()
                 continue
             if self.accepts(plan):
                 fast.append(i)

@@ -113,7 +113,7 @@ class CpuPreprocessor:
             try:
                 return decode_into(items[i], self.spec, self._resample, slots[i])
             except RequestError as err:
-                return err
+                return err.detach()
 
         results = list(self._pool.map(work, range(n))) if self._pool and n > 1 else [work(i) for i in range(n)]
 

@@ -177,3 +177,30 @@ def test_import_has_no_process_wide_side_effects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "clean" in out.stdout
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torchvision"])
+def test_failed_items_leave_no_reference_cycles_holding_the_batch(model_dir, jpegs, backend):
+    """A kept per-item error must not hold its traceback: its frames link back to the handler's
+    frame, whose lists hold the error, so the batch's bytes and tensors would wait for a full GC."""
+    import gc
+
+    handler, ctx = make_handler(model_dir, "model_ep.pt2", {"preprocess": {"backend": backend}})
+    good = jpegs["coffee"]
+    requests = [raw_request(good), raw_request(b"not an image"), raw_request(good[: len(good) // 2]),
+                json_request({"data": "%%%"}), raw_request(b"")]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            statuses = [r.status for r in run_handler(handler, ctx, requests)]
+            assert statuses == [200, 415, 400, 400, 400]
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        leaked = [o for o in gc.garbage if isinstance(o, (BaseException, torch.Tensor))
+                  or type(o).__name__ in ("frame", "traceback")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leaked == [], f"{len(leaked)} objects only the cyclic GC frees, e.g. {leaked[:5]}"
