@@ -11,9 +11,10 @@ of interest and scales it straight to crop x crop, so no pixel outside the crop 
 same fused resize+crop as the CPU backend, here with the exact box rather than a draft-decoded one).
 
 Fault isolation: Pillow checks every header first (common.py), so DALI only sees images that look
-valid. When DALI still fails a sample (a truncated JPEG), the error names it; the pipeline is
-rebuilt (DALI invalidates a pipeline after an error), that sample goes to the CPU path for its 4xx,
-and the rest run through DALI again.
+valid. When DALI still fails a sample (a truncated JPEG), the pipeline is rebuilt (DALI invalidates
+a pipeline after an error); when the error names the sample, that one goes to the CPU path for its
+4xx and the rest run through DALI again, otherwise the batch is split in halves. After
+`MAX_REBUILDS` rebuilds in one batch, the items not yet done take the CPU path.
 
 Numerical contract (tests/unit/test_preprocess_backends.py): mean absolute difference < 0.01, max
 < 0.35 against torchvision's PIL reference on real photos.
@@ -45,6 +46,12 @@ _ACCEPTED = {
 }
 
 
+def _reason(exc: BaseException) -> str:
+    """DALI's error text after its pipeline-definition traceback, on one line."""
+    text = str(exc).split("encountered:")[-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:300]
+
+
 def availability(device: torch.device) -> str | None:
     try:
         import nvidia.dali  # noqa: F401
@@ -59,6 +66,7 @@ def create(spec: PreprocessSpec, threads: int) -> DaliPreprocessor:
 
 class DaliPreprocessor(AcceleratedPreprocessor):
     name = NAME
+    MAX_REBUILDS = 4
 
     def __init__(self, spec: PreprocessSpec, threads: int) -> None:
         super().__init__(spec, threads)
@@ -91,21 +99,49 @@ class DaliPreprocessor(AcceleratedPreprocessor):
     # -- internals -------------------------------------------------------------------------------
 
     def _run_isolating(self, items: list[bytes], plans: list[Plan]) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one pipeline batch; when DALI names a failing sample, drop it and run the rest."""
-        live = list(range(len(items)))
+        """Run one pipeline batch, isolating the samples DALI fails.
+
+        DALI invalidates a pipeline after an error, so each failure costs a rebuild. When the error
+        names the sample, that one goes to the CPU path and the rest run again; when it does not,
+        the batch is split in halves. After `MAX_REBUILDS` rebuilds in one batch, the items not yet
+        done go to the CPU path, so hostile input cannot make a batch rebuild the pipeline often.
+        """
         failed: list[int] = []
-        while live:
+        rows: list[tuple[list[int], torch.Tensor]] = []
+        budget = [self.MAX_REBUILDS]
+
+        def attempt(live: list[int]) -> None:
+            if budget[0] <= 0:  # another failure would cost one more rebuild: CPU path instead
+                failed.extend(live)
+                return
             try:
-                return self._run([items[k] for k in live], [plans[k] for k in live]), failed
+                rows.append((live, self._run([items[k] for k in live], [plans[k] for k in live])))
+                return
             except RuntimeError as exc:
-                self._pipe = self._build()  # DALI invalidates a pipeline after an error
+                self._pipe = self._build()
                 self.rebuilds += 1
+                budget[0] -= 1
                 named = _FAILED_SAMPLE.search(str(exc))
-                if named is None or int(named.group(1)) >= len(live):
-                    raise
-                failed.append(live.pop(int(named.group(1))))
-                failed.sort()
-        return None, failed
+                logger.info("dali failed a sample (%s); pipeline rebuilt", _reason(exc))
+            if len(live) == 1:
+                failed.extend(live)
+            elif named is not None and int(named.group(1)) < len(live):
+                bad = live[int(named.group(1))]
+                failed.append(bad)
+                attempt([k for k in live if k != bad])
+            else:
+                half = len(live) // 2
+                attempt(live[:half])
+                attempt(live[half:])
+
+        attempt(list(range(len(items))))
+        if not rows:
+            return None, sorted(failed)
+        order = [k for live, _ in rows for k in live]
+        tensor = rows[0][1] if len(rows) == 1 else torch.cat([t for _, t in rows])
+        if order != sorted(order):  # halves come back in order; keep the contract explicit
+            tensor = tensor[torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=tensor.device)]
+        return tensor, sorted(failed)
 
     def _run(self, items: list[bytes], plans: list[Plan]) -> torch.Tensor:
         pipe = self._pipe

@@ -40,3 +40,19 @@ def test_corpus_input_keeps_its_clean_outcome(cpu_backend, name):
         assert isinstance(err, RequestError) and err.message
         outcome = f"{err.code} {err.type}"
     assert outcome == INDEX[name]["cpu"]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_corpus_through_accelerated_backends_keeps_every_outcome(backend):
+    """The whole corpus as one batch through each backend that runs on a CPU: each item gets the
+    outcome the CPU backend gives it alone (bad ones their own 4xx, the rest succeed)."""
+    from tests.unit.test_preprocess_backends import make
+
+    names = sorted(INDEX)
+    pre = make(backend, max_image_pixels=20_000_000, max_batch=16)
+    batch = pre.run([(CORPUS / name).read_bytes() for name in names])
+    outcomes = ["ok" if e is None else f"{e.code} {e.type}" for e in batch.errors]
+    assert outcomes == [INDEX[name]["cpu"] for name in names]
+    assert len(batch.rows) == outcomes.count("ok") and torch.isfinite(batch.tensor).all()
+    if backend == "dali":  # several corrupt JPEGs DALI fails, some without naming the sample
+        assert 1 <= pre.rebuilds <= pre.MAX_REBUILDS and pre.failed_batches == 0
