@@ -115,12 +115,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(buf)
 
 
-def available_backends() -> dict:
+def available_backends(device: torch.device) -> dict:
     out = {}
     for name in _BACKEND_MODULES:
         module = backend_module(name)
-        if module.availability(torch.device("cpu")) is None:
-            out[name] = module.create(PreprocessSpec(max_image_pixels=20_000_000), threads=1)
+        if module.availability(device) is None:
+            out[name] = module.create(PreprocessSpec(max_image_pixels=20_000_000, device=device), threads=1)
     return out
 
 
@@ -143,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--findings", type=Path, default=Path("fuzz/findings"))
     parser.add_argument("--save-corpus", type=Path, help="directory to keep regression inputs in")
     parser.add_argument("--per-outcome", type=int, default=3, help="corpus inputs kept per distinct outcome")
+    parser.add_argument("--device", default="cpu", help="run the backends available on this device (cpu, cuda)")
     args = parser.parse_args(argv)
 
     rng = random.Random(args.seed)
     pool = seeds()
-    backends = available_backends()
+    backends = available_backends(torch.device(args.device))
     print(f"fuzzing backends {list(backends)} with {len(pool)} seeds for {args.seconds:.0f}s (seed {args.seed})", flush=True)
     outcomes: Counter = Counter()
     kept: dict[str, list[tuple[bytes, dict[str, str]]]] = {}
