@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--channels-last", action="store_true", help="compile the backends for channels-last input")
+    parser.add_argument("--static-batch", action="store_true",
+                        help="compile for exactly max(--batches) rows (smaller batches are padded up to it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     top = max(args.batches)
@@ -66,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             result = compile_model(CompileOptions(
                 model=args.model, weights=str(weights), output=Path(tmp) / backend, backend=backend,
-                device=args.device, precision=args.precision, batch=(1, max(2, min(8, top)), max(2, top)),
+                device=args.device, precision=args.precision, batch=(top, top, top) if args.static_batch else (1, max(2, min(8, top)), max(2, top)),
                 cache_dir=args.cache_dir, channels_last=args.channels_last,
             ), log=lambda m: print("   " + m, flush=True))
             print(f"{backend}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
             bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), device)
-            layout = " channels-last" if bb.channels_last else ""
+            layout = (" channels-last" if bb.channels_last else "") + (f" static b{top}" if args.static_batch else "")
             runners[f"{backend} {args.precision}{layout}"] = (bb, bb.dtype, bb.channels_last)
 
         print(f"\n# {time.strftime('%Y-%m-%d')}, {args.model} on {device} "

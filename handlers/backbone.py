@@ -45,16 +45,47 @@ class Backbone:
     """Metadata from `tsgpu compile`, when the artifact has it."""
 
     def __call__(self, x: torch.Tensor) -> Any:
-        return self.module(x)
+        n, least = x.shape[0], self.min_batch
+        if least is None or n >= least:
+            return self.module(x)
+        # A static-batch artifact (compiled for exactly `least` rows): pad with zeros, keep n rows.
+        pad = x.new_zeros((least - n, *x.shape[1:])).contiguous(memory_format=_layout(x))
+        return _first_rows(self.module(torch.cat([x, pad])), n)
 
     @property
     def max_batch(self) -> int | None:
-        return self.info.meta.get("input", {}).get("batch", {}).get("max") if self.info else None
+        return self._batch("max")
+
+    @property
+    def min_batch(self) -> int | None:
+        """Smallest batch the artifact takes (None: any); smaller batches are padded up to it."""
+        least = self._batch("min")
+        return least if least and least > 1 else None
+
+    def _batch(self, key: str) -> int | None:
+        return self.info.meta.get("input", {}).get("batch", {}).get(key) if self.info else None
 
     def describe(self) -> str:
         layout = "channels-last" if self.channels_last else "NCHW"
         backend = f" [{self.info.backend}, {self.info.meta.get('precision')}]" if self.info else ""
         return f"{self.format} model {self.path.name}{backend} on {self.device} ({layout})"
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _first_rows(outputs: Any, n: int) -> Any:
+    """The first n rows of every tensor in a model's outputs (tensor, tuple, list or dict)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:n]
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_first_rows(o, n) for o in outputs)
+    if isinstance(outputs, dict):
+        return {k: _first_rows(v, n) for k, v in outputs.items()}
+    return outputs
 
 
 def detect_format(path: Path) -> str:

@@ -199,3 +199,23 @@ def test_aoti_on_gpu_is_chosen_over_cpu_artifact(tmp_path, weights):
     cpu = compile_model(opts(tmp_path, weights, backend="export"), log=quiet)
     best, _ = choose([ArtifactInfo.read(cpu.artifact), ArtifactInfo.read(gpu.artifact)], torch.device("cuda", 0))
     assert best.backend == "aoti"
+
+
+def test_static_batch_artifact_pads_smaller_batches(tmp_path, weights):
+    """`--batch 4,4,4` compiles for exactly 4 rows; the backbone pads 1..3 rows up and keeps theirs."""
+    from handlers.backbone import load_backbone
+    from handlers.config import ModelConfig
+
+    result = compile_model(opts(tmp_path, weights, backend="export", batch=(4, 4, 4)), log=quiet)
+    backbone = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), torch.device("cpu"))
+    assert backbone.min_batch == 4 and backbone.max_batch == 4
+    reference = models.make_model()
+    for n in (1, 3, 4):
+        x = torch.randn(n, 3, 224, 224)
+        with torch.inference_mode():
+            out = backbone(x)
+            assert out.shape[0] == n
+            assert (out - reference(x)).abs().max().item() < 1e-3
+    with pytest.raises(Exception):  # more rows than compiled for: the artifact refuses them
+        with torch.inference_mode():
+            backbone(torch.randn(5, 3, 224, 224))
