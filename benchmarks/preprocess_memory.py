@@ -2,7 +2,8 @@
 
 Runs `--requests` images (default 10,000) in batches of random size (1..--max-batch) through one
 backend: JPEGs of random sizes (64 px to 4K, random quality and aspect ratio, some EXIF-rotated),
-a share of PNGs and GIFs (CPU fallback) and of corrupt items (per-item errors). Samples host RSS
+a share of PNGs and GIFs (CPU fallback) and of corrupt items (per-item errors). Warm-up runs a
+full batch of the largest image, every image once, then `--warmup` random requests. Samples host RSS
 and, on CUDA, torch's allocated/reserved memory and the device-wide used memory (which includes
 nvJPEG / DALI / CV-CUDA allocations outside torch) after warm-up and every `--every` requests.
 Prints the samples and the growth from the first sample after warm-up to the last; exits 1 when
@@ -60,6 +61,11 @@ def make_pool(rng: random.Random, count: int) -> list[bytes]:
     return pool
 
 
+def pixels(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size[0] * image.size[1]
+
+
 def snapshot(device: torch.device) -> dict[str, float]:
     out = {"rss": rss_mib()}
     if device.type == "cuda":
@@ -95,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     pre = create_preprocessor(args.backend, spec, args.threads)
     print(f"backend {pre.name} on {device}; {args.requests} requests in batches of 1..{args.max_batch}", flush=True)
 
+    # Warm-up reaches the high-water marks first: libraries keep buffers sized by the largest
+    # batch of the largest images they have seen, which is a bound, not growth.
+    largest = max(pool[:-3], key=pixels)  # the last three are the corrupt items
+    pre.run([largest] * args.max_batch)
+    for data in pool:
+        pre.run([data])
     done, errors, samples_taken, next_sample = 0, 0, [], args.warmup
     started = time.perf_counter()
     while done < args.requests:

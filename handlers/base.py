@@ -155,6 +155,7 @@ class VisionHandler(BaseHandler):
         n = len(data)
         errors: list[RequestError | None] = [None] * n
         results: list[Any] = [None] * n
+        fallbacks = 0  # items an accelerated preprocess backend sent to the CPU path
 
         encoded: list[bytes] = []
         owners: list[int] = []  # input index of each encoded item
@@ -169,8 +170,10 @@ class VisionHandler(BaseHandler):
         if encoded:
             assert self.preprocessor is not None
             t0 = time.perf_counter()
+            before = getattr(self.preprocessor, "fallback_items", 0)
             batch = self.preprocessor.run(encoded)
             timings["PreprocessTime"] = time.perf_counter() - t0
+            fallbacks = getattr(self.preprocessor, "fallback_items", 0) - before
             for k, err in enumerate(batch.errors):
                 if err is not None:
                     errors[owners[k]] = err
@@ -187,7 +190,7 @@ class VisionHandler(BaseHandler):
                         results[owners[r]] = result
 
         responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
-        self._report(context, timings, errors, started)
+        self._report(context, timings, errors, started, fallbacks)
         self._trimmer.maybe_trim()
         self._heap_report.maybe_report()
         return responses
@@ -237,7 +240,10 @@ class VisionHandler(BaseHandler):
         context.set_response_content_type(idx, JSON_CONTENT_TYPE)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
-    def _report(self, context: Any, timings: dict[str, float], errors: list[RequestError | None], started: float) -> None:
+    def _report(
+        self, context: Any, timings: dict[str, float], errors: list[RequestError | None], started: float,
+        fallbacks: int = 0,
+    ) -> None:
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
@@ -247,6 +253,8 @@ class VisionHandler(BaseHandler):
             failed = [e for e in errors if e is not None]
             if failed:
                 metrics.add_counter("RequestErrors", len(failed))
+            if fallbacks:
+                metrics.add_counter("PreprocessFallbacks", fallbacks)
             metrics.add_counter("ImagesProcessed", len(errors) - len(failed))
             metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 3), None, "ms")
         except Exception:  # metrics must never fail a request

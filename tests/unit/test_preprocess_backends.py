@@ -228,6 +228,10 @@ def test_handler_uses_the_backend_named_in_model_config(model_dir, backend):
     responses = run_handler(handler, context, [raw_request(photo), raw_request(b"nope"), raw_request(photo)])
     assert [r.status for r in responses] == [200, 415, 200]
     assert responses[0].body == responses[2].body and responses[0].body["predictions"]
+    gif = samples.encode(samples.photos()["coffee"], "GIF")  # no GPU decoder here takes GIF
+    run_handler(handler, context, [raw_request(gif), raw_request(photo)])
+    fallbacks = [c.value for c in context.metrics.calls if c.name == "PreprocessFallbacks"]
+    assert fallbacks == [1]
     handler.preprocessor.close()
 
 
