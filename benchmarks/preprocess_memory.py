@@ -15,6 +15,7 @@ growth exceeds `--max-growth` percent (default 5).
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import random
 import sys
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.run([largest] * args.max_batch)
     for data in pool:
         pre.run([data])
+    gc.collect()
+    gc.freeze()  # as the handler does after loading: full collections then scan only new objects
     done, errors, samples_taken, next_sample = 0, 0, [], args.warmup
     started = time.perf_counter()
     while done < args.requests:

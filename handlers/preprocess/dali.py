@@ -22,6 +22,7 @@ Numerical contract (tests/unit/test_preprocess_backends.py): mean absolute diffe
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 
@@ -46,9 +47,9 @@ _ACCEPTED = {
 }
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(message: str) -> str:
     """DALI's error text after its pipeline-definition traceback, on one line."""
-    text = str(exc).split("encountered:")[-1]
+    text = message.split("encountered:")[-1]
     return " ".join(line.strip() for line in text.splitlines() if line.strip())[:300]
 
 
@@ -67,6 +68,7 @@ def create(spec: PreprocessSpec, threads: int) -> DaliPreprocessor:
 class DaliPreprocessor(AcceleratedPreprocessor):
     name = NAME
     MAX_REBUILDS = 4
+    COLLECT_EVERY = 16
 
     def __init__(self, spec: PreprocessSpec, threads: int) -> None:
         super().__init__(spec, threads)
@@ -106,35 +108,35 @@ class DaliPreprocessor(AcceleratedPreprocessor):
         the batch is split in halves. After `MAX_REBUILDS` rebuilds in one batch, the items not yet
         done go to the CPU path, so hostile input cannot make a batch rebuild the pipeline often.
         """
+        # An explicit work list, not a recursive closure: a closure that refers to itself is a
+        # reference cycle, which would keep this batch's tensors alive until a full collection.
         failed: list[int] = []
         rows: list[tuple[list[int], torch.Tensor]] = []
-        budget = [self.MAX_REBUILDS]
-
-        def attempt(live: list[int]) -> None:
-            if budget[0] <= 0:  # another failure would cost one more rebuild: CPU path instead
+        budget = self.MAX_REBUILDS
+        pending: list[list[int]] = [list(range(len(items)))]
+        while pending:
+            live = pending.pop(0)
+            if budget <= 0:  # another failure would cost one more rebuild: CPU path instead
                 failed.extend(live)
-                return
+                continue
             try:
                 rows.append((live, self._run([items[k] for k in live], [plans[k] for k in live])))
-                return
+                continue
             except RuntimeError as exc:
-                self._pipe = self._build()
-                self.rebuilds += 1
-                budget[0] -= 1
-                named = _FAILED_SAMPLE.search(str(exc))
-                logger.info("dali failed a sample (%s); pipeline rebuilt", _reason(exc))
+                message = str(exc)
+            self._rebuild()
+            budget -= 1
+            named = _FAILED_SAMPLE.search(message)
+            logger.info("dali failed a sample (%s); pipeline rebuilt", _reason(message))
             if len(live) == 1:
                 failed.extend(live)
             elif named is not None and int(named.group(1)) < len(live):
                 bad = live[int(named.group(1))]
                 failed.append(bad)
-                attempt([k for k in live if k != bad])
+                pending.insert(0, [k for k in live if k != bad])
             else:
                 half = len(live) // 2
-                attempt(live[:half])
-                attempt(live[half:])
-
-        attempt(list(range(len(items))))
+                pending[:0] = [live[:half], live[half:]]
         if not rows:
             return None, sorted(failed)
         order = [k for live, _ in rows for k in live]
@@ -142,6 +144,30 @@ class DaliPreprocessor(AcceleratedPreprocessor):
         if order != sorted(order):  # halves come back in order; keep the contract explicit
             tensor = tensor[torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=tensor.device)]
         return tensor, sorted(failed)
+
+    def _rebuild(self) -> None:
+        """Replace the pipeline DALI invalidated, and free the old one now.
+
+        A DALI Pipeline sits in reference cycles of its own, so merely dropping it leaves its
+        buffers to the next full garbage collection (measured: RSS +27 MiB over 350 rebuilds;
+        flat with a collection every 10).
+        """
+        old, self._pipe = self._pipe, self._build()
+        self.rebuilds += 1
+        shutdown = getattr(old, "_shutdown", None)  # what Pipeline.__del__ calls
+        if shutdown is not None:
+            shutdown()
+        del old
+        if self.rebuilds % self.COLLECT_EVERY == 0:
+            # The graph's Python objects (operator classes DALI creates per pipeline, data nodes)
+            # are cycles too, about 130 objects per rebuild: collect them now and then.
+            gc.collect()
+
+    def close(self) -> None:
+        shutdown = getattr(self._pipe, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        super().close()
 
     def _run(self, items: list[bytes], plans: list[Plan]) -> torch.Tensor:
         pipe = self._pipe
