@@ -107,6 +107,36 @@ class Geometry:
         sx, sy = self.scale
         return ((x + self.crop_box[0]) / sx, (y + self.crop_box[1]) / sy)
 
+    def source_box(self, decoded_size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+        """The crop box (left, top, right, bottom) in the pixels of the oriented image as decoded.
+
+        `decoded_size` is that image's (width, height), smaller than `original_size` after draft
+        decoding; default: full resolution. Resizing exactly this box to crop x crop gives the
+        pixels of torchvision's Resize + CenterCrop.
+        """
+        width, height = decoded_size or self.original_size
+        sx, sy = width / self.resized_size[0], height / self.resized_size[1]
+        box = self.crop_box
+        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+class Normaliser:
+    """(x/255 - mean)/std as one multiply and one subtract, constants cached per device."""
+
+    def __init__(self, spec: PreprocessSpec, dtype: torch.dtype = torch.float32) -> None:
+        std = torch.tensor(spec.std, dtype=torch.float32)
+        mean = torch.tensor(spec.mean, dtype=torch.float32)
+        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(dtype)
+        self._shift = (mean / std).view(1, 3, 1, 1).to(dtype)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise an NCHW tensor of 0..255 values in place; returns it."""
+        if x.device not in self._on_device:
+            self._on_device[x.device] = (self._scale.to(x.device), self._shift.to(x.device))
+        scale, shift = self._on_device[x.device]
+        return x.mul_(scale).sub_(shift)
+
 
 @dataclass
 class Batch:

@@ -28,31 +28,25 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RequestError
-from . import Batch, Geometry, PreprocessSpec
-from .cpu import CpuPreprocessor, center_crop_box, open_image, orientation, resized_size
+from . import Batch, Geometry, Normaliser, PreprocessSpec
+from .cpu import CpuPreprocessor, open_image, orientation, plan_geometry
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """One item checked from its header: what it is and where its crop comes from.
-
-    `source_box` is the crop (left, top, right, bottom) in the pixels of the full-resolution,
-    EXIF-oriented image: resizing exactly that box to crop x crop gives the same pixels as resizing
-    the whole image and cropping (torchvision's Resize + CenterCrop).
-    """
+    """One item checked from its header: what it is and where its crop comes from."""
 
     format: str
     mode: str
     orientation: int
     geometry: Geometry
-    source_box: tuple[float, float, float, float]
 
     @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) after EXIF orientation."""
-        return self.geometry.original_size
+    def source_box(self) -> tuple[float, float, float, float]:
+        """The crop (left, top, right, bottom) in the full-resolution, EXIF-oriented image."""
+        return self.geometry.source_box()
 
 
 def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
@@ -62,48 +56,18 @@ def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
         width, height = image.size
     if turn >= 5:  # 90-degree turns swap the axes
         width, height = height, width
-    resized_w, resized_h = resized_size(width, height, spec.resize_size)
-    box = center_crop_box(resized_w, resized_h, spec.crop_size)
-    sx, sy = width / resized_w, height / resized_h
-    return Plan(
-        format=fmt,
-        mode=mode,
-        orientation=turn,
-        geometry=Geometry(
-            original_size=(width, height),
-            resized_size=(resized_w, resized_h),
-            crop_box=box,
-            source_format=fmt,
-        ),
-        source_box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy),
-    )
-
-
-class Normaliser:
-    """(x/255 - mean)/std as one multiply and one subtract, constants cached per device."""
-
-    def __init__(self, spec: PreprocessSpec) -> None:
-        std = torch.tensor(spec.std, dtype=torch.float32)
-        mean = torch.tensor(spec.mean, dtype=torch.float32)
-        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-        self._shift = (mean / std).view(1, 3, 1, 1)
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise a float NCHW tensor of 0..255 values in place; returns it."""
-        if x.device not in self._on_device:
-            self._on_device[x.device] = (self._scale.to(x.device), self._shift.to(x.device))
-        scale, shift = self._on_device[x.device]
-        return x.mul_(scale).sub_(shift)
+    return Plan(format=fmt, mode=mode, orientation=turn, geometry=plan_geometry(width, height, fmt, spec))
 
 
 class AcceleratedPreprocessor:
     """Base of the accelerated backends: probe, split, accelerate, fall back, assemble.
 
-    Subclasses set `name` and implement `accepts(plan)` and `accelerate(items, plans)`.
+    Subclasses set `name` and `ACCEPTED` and implement `accelerate(items, plans)`.
     """
 
     name = "accelerated"
+    ACCEPTED: dict[str, tuple[str, ...]] = {}
+    """Format -> the Pillow modes of it that the backend's decoder turns into RGB like Pillow."""
 
     def __init__(self, spec: PreprocessSpec, threads: int) -> None:
         self.spec = spec
@@ -115,7 +79,10 @@ class AcceleratedPreprocessor:
     # -- hooks -----------------------------------------------------------------------------------
 
     def accepts(self, plan: Plan) -> bool:
-        raise NotImplementedError
+        if plan.mode not in self.ACCEPTED.get(plan.format, ()):
+            return False
+        # GPU decoders apply EXIF orientation to JPEGs; for other formats the CPU path keeps it exact.
+        return plan.orientation == 1 or plan.format in ("JPEG", "MPO")
 
     def accelerate(self, items: list[bytes], plans: list[Plan]) -> tuple[torch.Tensor | None, list[int]]:
         """Decode + resize + crop + normalise `items` (all accepted).
@@ -163,9 +130,10 @@ class AcceleratedPreprocessor:
                 )
                 rows, failed = None, list(range(len(fast)))
             failed_set = set(failed)
-            done = [i for k, i in enumerate(fast) if k not in failed_set]
+            done = []
             for k, i in enumerate(fast):
                 if k not in failed_set:
+                    done.append(i)
                     geometry[i] = plans[k].geometry
             if done:
                 assert rows is not None and rows.shape[0] == len(done), "backend returned a wrong row count"

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
-from . import Batch, Geometry, PreprocessSpec
+from . import Batch, Geometry, Normaliser, PreprocessSpec
 
 NAME = "cpu"
 logger = logging.getLogger(__name__)
@@ -80,6 +80,17 @@ def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, 
     return left, top, left + crop, top + crop
 
 
+def plan_geometry(width: int, height: int, fmt: str, spec: PreprocessSpec) -> Geometry:
+    """Resize + center crop of an oriented (width, height) image, as torchvision's reference does."""
+    resized_w, resized_h = resized_size(width, height, spec.resize_size)
+    return Geometry(
+        original_size=(width, height),
+        resized_size=(resized_w, resized_h),
+        crop_box=center_crop_box(resized_w, resized_h, spec.crop_size),
+        source_format=fmt,
+    )
+
+
 class CpuPreprocessor:
     """Decodes and preprocesses a batch on CPU threads; output goes to `spec.device`."""
 
@@ -91,11 +102,7 @@ class CpuPreprocessor:
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
         self._resample = _RESAMPLE[spec.interpolation]
-        std = torch.tensor(spec.std, dtype=torch.float32)
-        mean = torch.tensor(spec.mean, dtype=torch.float32)
-        # x_norm = (x/255 - mean)/std = x * scale - shift, in one multiply and one subtract.
-        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(spec.dtype)
-        self._shift = (mean / std).view(1, 3, 1, 1).to(spec.dtype)
+        self._normaliser = Normaliser(spec, spec.dtype)  # constants in the output dtype
         self._buffer = torch.empty((0, spec.crop_size, spec.crop_size, 3), dtype=torch.uint8)
         # On a GPU worker the host buffer is pinned and reused, so the upload is a real async DMA;
         # an event marks when the last upload has read it, before the next batch overwrites it.
@@ -152,8 +159,7 @@ class CpuPreprocessor:
         if self._pinned:
             self._uploaded = torch.cuda.Event()
             self._uploaded.record(torch.cuda.current_stream(x.device))
-        scale, shift = self._scale.to(x.device), self._shift.to(x.device)
-        return x.mul_(scale).sub_(shift)
+        return self._normaliser(x)
 
 
 def open_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
@@ -225,19 +231,11 @@ def _decode_checked(
             width, height = height, width
     image = _to_rgb(image)
 
-    resized_w, resized_h = resized_size(width, height, size)
-    box = center_crop_box(resized_w, resized_h, spec.crop_size)
-    # The decoded image may be smaller than the original (draft); map the crop box into its pixels.
-    sx, sy = image.size[0] / resized_w, image.size[1] / resized_h
-    src_box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    crop = image.resize((spec.crop_size, spec.crop_size), resample, box=src_box)
+    geometry = plan_geometry(width, height, fmt, spec)
+    # The decoded image may be smaller than the original (draft): take the box in its pixels.
+    crop = image.resize((spec.crop_size, spec.crop_size), resample, box=geometry.source_box(image.size))
     out[...] = np.asarray(crop)
-    return Geometry(
-        original_size=(width, height),
-        resized_size=(resized_w, resized_h),
-        crop_box=box,
-        source_format=fmt,
-    )
+    return geometry
 
 
 def orientation(image: Image.Image) -> int:

@@ -43,6 +43,7 @@ def create(spec: PreprocessSpec, threads: int) -> CvcudaPreprocessor:
 
 class CvcudaPreprocessor(AcceleratedPreprocessor):
     name = NAME
+    ACCEPTED = _ACCEPTED
 
     def __init__(self, spec: PreprocessSpec, threads: int) -> None:
         super().__init__(spec, threads)
@@ -67,11 +68,6 @@ class CvcudaPreprocessor(AcceleratedPreprocessor):
             "bicubic": cvcuda.Interp.CUBIC,
             "nearest": cvcuda.Interp.NEAREST,
         }[spec.interpolation]
-
-    def accepts(self, plan: Plan) -> bool:
-        if plan.mode not in _ACCEPTED.get(plan.format, ()):
-            return False
-        return plan.orientation == 1 or plan.format in ("JPEG", "MPO")
 
     def accelerate(self, items: list[bytes], plans: list[Plan]) -> tuple[torch.Tensor | None, list[int]]:
         cvcuda, nvimgcodec = self._cvcuda, self._nvimgcodec
