@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -76,26 +77,16 @@ def main() -> int:
         gc.set_debug(gc.DEBUG_SAVEALL)
         found = gc.collect()
         gc.set_debug(0)
-        kinds: dict[str, int] = {}
-        for obj in gc.garbage:
-            kinds[type(obj).__name__] = kinds.get(type(obj).__name__, 0) + 1
-        top = sorted(kinds.items(), key=lambda kv: -kv[1])[:12]
-        tensors = sum(o.untyped_storage().nbytes() for o in gc.garbage if isinstance(o, torch.Tensor))
-        raw = sum(len(o) for o in gc.garbage if isinstance(o, (bytes, bytearray)))
+        garbage = gc.garbage
+        top = Counter(type(o).__name__ for o in garbage).most_common(12)
+        tensors = sum(o.untyped_storage().nbytes() for o in garbage if isinstance(o, torch.Tensor))
+        raw = sum(len(o) for o in garbage if isinstance(o, (bytes, bytearray)))
+        frames = Counter(f"{Path(o.f_code.co_filename).name}:{o.f_code.co_name}"
+                         for o in garbage if type(o).__name__ == "frame")
         print(f"mode cycles: {found} unreachable objects after {batches} batches (gc disabled): {top}")
         print(f"  of which tensors {tensors / 2**20:.1f} MiB, bytes/bytearray {raw / 2**20:.1f} MiB")
-        if len(sys.argv) > 3:
-            names: dict[str, int] = {}
-            for obj in gc.garbage:
-                if type(obj).__name__ == "frame":
-                    key = f"{obj.f_code.co_filename.split('/')[-1]}:{obj.f_code.co_name}"
-                    names[key] = names.get(key, 0) + 1
-            print("  frames:", sorted(names.items(), key=lambda kv: -kv[1])[:15])
-            excs = {}
-            for obj in gc.garbage:
-                if isinstance(obj, BaseException):
-                    excs[type(obj).__name__] = excs.get(type(obj).__name__, 0) + 1
-            print("  exceptions:", excs)
+        print("  frames:", frames.most_common(15))
+        print("  exceptions:", dict(Counter(type(o).__name__ for o in garbage if isinstance(o, BaseException))))
         gc.garbage.clear()
         server.shutdown()
         return 0
