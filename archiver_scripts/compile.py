@@ -229,6 +229,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TSGPU_CACHE_DIR") or Path.home() / ".cache" / "tsgpu" / "artifacts")
 
 
+def _native_cpu(precision: str) -> bool:
+    """Whether oneDNN runs `precision` natively on this CPU (AVX512-BF16 / AMX), not emulated."""
+    probe = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cache_key(whash: str, opts: CompileOptions, backend: str, device: dict, versions: dict) -> str:
     material = {
         "v": METADATA_VERSION, "weights": whash, "backend": backend, "precision": opts.precision,
@@ -263,6 +272,9 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     dtype = DTYPES[opts.precision]
     order = backend_order(opts.backend, device)
 
+    if device.type == "cpu" and opts.precision in ("bf16", "fp16") and not _native_cpu(opts.precision):
+        log(f"  warning: this CPU has no native {opts.precision} matrix instructions (oneDNN emulates them): "
+            f"expect {opts.precision} to be slower than fp32 here, and on serving hosts like this one")
     log(f"[1/4] loading {opts.model}")
     original, source = load_model(opts.model, opts.weights, opts.num_classes)
     whash = weight_hash(original)

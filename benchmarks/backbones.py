@@ -4,11 +4,16 @@ Each backend's artifact is produced by `tsgpu compile` (surgery + compile + vali
 loaded the way the handler loads it; eager is the untouched torchvision model in eval mode.
 
     python benchmarks/backbones.py [--model torchvision:resnet50] [--device cpu] [--batches 1 8]
+        [--backends export aoti aoti+cl aoti:bf16 ...] [--repeat 20]
+
+All rows of a batch size are timed interleaved (one call of each in turn), and every precision
+below fp32 also gets an eager row at that precision, so the table separates compile from precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -21,36 +26,72 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from archiver_scripts.compile import CompileOptions, compile_model, load_model  # noqa: E402
+from archiver_scripts.compile import DTYPES, CompileOptions, compile_model, load_model  # noqa: E402
 from handlers.backbone import load_backbone  # noqa: E402
 from handlers.config import ModelConfig  # noqa: E402
 
 
-def time_ms(fn, x: torch.Tensor, repeat: int, device: torch.device) -> list[float]:
-    out = []
+def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.device) -> dict[str, list[float]]:
+    """Time every runner `repeat` times, one call each in turn, so that host noise (other work, clock
+    changes) falls on the baseline and the candidates alike instead of on whichever ran last."""
+    out: dict[str, list[float]] = {label: [] for label in runners}
     with torch.inference_mode():
-        for _ in range(2):
-            fn(x)
+        for label, (fn, *_rest) in runners.items():
+            for _ in range(2):  # warm-up: allocator, oneDNN primitive caches, lazy init
+                fn(inputs[label])
         for _ in range(repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            out.append((time.perf_counter() - t0) * 1000)
+            for label, (fn, *_rest) in runners.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn(inputs[label])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                out[label].append((time.perf_counter() - t0) * 1000)
     return out
+
+
+def host_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {'native' if bf16 else 'emulated'}"
+
+
+def parse_variant(spec: str, args: argparse.Namespace) -> tuple[str, str, bool, bool]:
+    """`BACKEND[:PRECISION][+cl][+static]`, e.g. `aoti`, `aoti:bf16`, `aoti:fp32+cl+static`; the
+    precision defaults to --precision, the flags to --channels-last / --static-batch."""
+    head, *flags = spec.split("+")
+    backend, _, precision = head.partition(":")
+    precision = precision or args.precision
+    if precision not in DTYPES:
+        raise SystemExit(f"{spec!r}: precision must be one of {', '.join(DTYPES)}")
+    unknown = set(flags) - {"cl", "static"}
+    if unknown:
+        raise SystemExit(f"{spec!r}: unknown flag(s) {', '.join(sorted(unknown))} (use +cl, +static)")
+    return backend, precision, args.channels_last or "cl" in flags, args.static_batch or "static" in flags
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="torchvision:resnet50")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backends", nargs="+", default=["export", "aoti"])
+    parser.add_argument("--backends", nargs="+", default=["export", "aoti"],
+                        help="variants BACKEND[:PRECISION][+cl][+static], e.g. aoti aoti:bf16 aoti+cl")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--no-eager-precision", action="store_true",
+                        help="with --precision bf16/fp16, skip the eager row at that precision")
     parser.add_argument("--channels-last", action="store_true", help="compile the backends for channels-last input")
     parser.add_argument("--static-batch", action="store_true",
                         help="compile for exactly max(--batches) rows (smaller batches are padded up to it)")
@@ -60,36 +101,47 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     eager, _ = load_model(args.model)
     eager = eager.to(device)
+    variants = [parse_variant(v, args) for v in args.backends]
     runners = {"eager fp32": (eager, torch.float32, False)}
+    if not args.no_eager_precision:
+        # The same eager model at each compiled precision: separates what compiling buys from what
+        # the lower precision buys.
+        for precision in sorted({v[1] for v in variants} - {"fp32"}):
+            dtype = DTYPES[precision]
+            runners[f"eager {precision}"] = (copy.deepcopy(eager).to(dtype), dtype, False)
     with tempfile.TemporaryDirectory(prefix="tsgpu-bb-") as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(eager.state_dict(), weights)  # fixed weights: compiles hit the cache when repeated
-        for backend in args.backends:
+        for i, (backend, precision, channels_last, static) in enumerate(variants):
             t0 = time.perf_counter()
             result = compile_model(CompileOptions(
-                model=args.model, weights=str(weights), output=Path(tmp) / backend, backend=backend,
-                device=args.device, precision=args.precision, batch=(top, top, top) if args.static_batch else (1, max(2, min(8, top)), max(2, top)),
-                cache_dir=args.cache_dir, channels_last=args.channels_last,
+                model=args.model, weights=str(weights), output=Path(tmp) / f"{i}-{backend}", backend=backend,
+                device=args.device, precision=precision,
+                batch=(top, top, top) if static else (1, max(2, min(8, top)), max(2, top)),
+                cache_dir=args.cache_dir, channels_last=channels_last,
             ), log=lambda m: print("   " + m, flush=True))
-            print(f"{backend}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+            print(f"{backend} {precision}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
             bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), device)
-            layout = (" channels-last" if bb.channels_last else "") + (f" static b{top}" if args.static_batch else "")
-            runners[f"{backend} {args.precision}{layout}"] = (bb, bb.dtype, bb.channels_last)
+            layout = (" channels-last" if bb.channels_last else "") + (f" static b{top}" if static else "")
+            runners[f"{result.meta['backend']} {precision}{layout}"] = (bb, bb.dtype, bb.channels_last)
 
-        print(f"\n# {time.strftime('%Y-%m-%d')}, {args.model} on {device} "
-              f"({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
-        print("| backend | batch | median ms | images/s | vs eager |")
-        print("|---|---:|---:|---:|---:|")
+        print(f"\n# {time.strftime('%Y-%m-%d')}, {args.model} on {device} ({platform.machine()}; "
+              f"{host_description(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"{args.repeat} interleaved runs per row, median)")
+        print("| backend | batch | median ms | p90 ms | images/s | vs eager fp32 |")
+        print("|---|---:|---:|---:|---:|---:|")
         for n in args.batches:
             x32 = torch.randn(n, 3, 224, 224, device=device)
-            base = None
-            for label, (fn, dtype, channels_last) in runners.items():
+            inputs = {}
+            for label, (_fn, dtype, channels_last) in runners.items():
                 x = x32.to(dtype)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                ms = statistics.median(time_ms(fn, x, args.repeat, device))
-                base = base or ms
-                print(f"| {label} | {n} | {ms:.1f} | {n * 1000 / ms:.1f} | {base / ms:.2f}x |", flush=True)
+                inputs[label] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            times = time_interleaved(runners, inputs, args.repeat, device)
+            base = statistics.median(times["eager fp32"])
+            for label, ts in times.items():
+                ms = statistics.median(ts)
+                p90 = statistics.quantiles(ts, n=10)[-1] if len(ts) >= 2 else ms
+                print(f"| {label} | {n} | {ms:.1f} | {p90:.1f} | {n * 1000 / ms:.1f} | {base / ms:.2f}x |", flush=True)
     return 0
 
 

@@ -47,10 +47,59 @@ def _module_version(name: str) -> str | None:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
+    """The build device as `tsgpu compile` records it. For a CPU, `capability` is the list of
+    instruction-set extensions Inductor compiles generated code for on this host (AOTInductor
+    packages contain that machine code: an AVX-512 package dies with SIGILL on an AVX2-only host)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": [major, minor]}
+    if device.type == "cpu":
+        return {"type": "cpu", "name": cpu_model_name(), "arch": platform.machine(), "capability": inductor_cpu_isa()}
     return {"type": device.type, "name": platform.processor() or platform.machine(), "capability": None}
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# Extensions torch can test for on this host without a compiler (cpuinfo), by Inductor's names.
+_CPU_PROBES = {
+    "avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
+    "amx_fp16": "_is_amx_fp16_supported",
+}
+
+
+def inductor_cpu_isa() -> list[str]:
+    """Extensions Inductor targets on this host, e.g. ["avx512", "avx512_vnni", "avx512_bf16"];
+    [] where it generates portable code (or has no C++ compiler to probe with)."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        isa = pick_vec_isa()
+    except Exception:  # no compiler, or an Inductor without this module: nothing ISA-specific is built
+        return []
+    names = [n for n in str(isa).split() if n != "INVALID_VEC_ISA"]
+    if getattr(isa, "_is_avx512_bf16_supported", False):  # Inductor then adds -mavx512bf16
+        names.append("avx512_bf16")
+    return names
+
+
+def missing_cpu_features(required: list[str]) -> list[str]:
+    """Which of `required` this CPU lacks (names torch cannot probe are taken as present)."""
+    missing = []
+    for name in required:
+        probe = getattr(torch.cpu, _CPU_PROBES.get(name, ""), None)
+        if probe is not None and not probe():
+            missing.append(name)
+    return missing
 
 
 @dataclass(frozen=True)
@@ -88,6 +137,14 @@ def refusal(info: ArtifactInfo, device: torch.device, versions: dict[str, str | 
         hw_compatible = backend == "tensorrt" and meta.get("hardware_compatible") and here >= [8, 0]
         if there != here and not hw_compatible:
             return f"built for compute capability {there}, this GPU is {here}"
+    if device.type == "cpu" and backend == "aoti":
+        arch = built.get("arch")
+        if arch and arch != platform.machine():
+            return f"built for {arch}, this host is {platform.machine()}"
+        missing = missing_cpu_features(built.get("capability") or [])
+        if missing:
+            return (f"built for a CPU with {', '.join(built['capability'])}; this CPU lacks {', '.join(missing)} "
+                    "(its generated code would crash with an illegal instruction)")
     built_versions = meta.get("versions", {})
     needed = {"aoti": ("torch",), "tensorrt": ("torch", "torch_tensorrt", "tensorrt")}.get(backend, ())
     for lib in needed:

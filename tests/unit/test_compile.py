@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from archiver_scripts.archive import build_archive
-from archiver_scripts.compile import CompileError, CompileOptions, compile_model
-from handlers.artifacts import ArtifactInfo, choose, refusal, library_versions
+from archiver_scripts.compile import CompileError, CompileOptions, cache_key, compile_model
+from handlers.artifacts import ArtifactInfo, choose, inductor_cpu_isa, refusal, library_versions
 from handlers.errors import ModelLoadError
 from handlers.image_classifier import ImageClassifier
 from handlers.testing import FakeContext, raw_request, run_handler
@@ -46,6 +46,7 @@ def test_export_backend_metadata_and_validation(tmp_path, weights):
     assert meta["backend"] == "export" and meta["artifact_format"] == "exported_program"
     assert meta["input"] == {"shape": [3, 224, 224], "dtype": "float32", "batch": {"min": 1, "opt": 4, "max": 8}, "channels_last": False}
     assert meta["device"]["type"] == "cpu" and meta["versions"]["torch"] == torch.__version__
+    assert meta["device"]["capability"] == inductor_cpu_isa() and meta["device"]["arch"]
     assert len(meta["weight_hash"]) == 64
     assert meta["validation"]["passed"] and meta["validation"]["batch_sizes"] == [1, 4, 8]
     assert meta["validation"]["max_abs_diff"] < 1e-3
@@ -115,7 +116,7 @@ def _info(backend, device_type="cpu", capability=None, torch_version=None, **ext
     if torch_version:
         versions["torch"] = torch_version
     meta = {"backend": backend, "device": {"type": device_type, "capability": capability}, "versions": versions}
-    meta.update(extra)
+    meta.update(extra)  # e.g. device={...} replaces the default
     return ArtifactInfo(f"m.{backend}-{device_type}.pt2", meta)
 
 
@@ -130,6 +131,36 @@ def test_artifact_choice_on_cpu():
     assert "built with torch 2.3" in refusal(stale, cpu, library_versions())
     with pytest.raises(ModelLoadError, match="no artifact in this archive can run on cpu"):
         choose([_info("tensorrt", "cuda", [9, 0]), stale], cpu)
+
+
+def test_cpu_package_built_for_missing_instructions_is_refused(monkeypatch):
+    """An AOTInductor package holds machine code for the build host's vector ISA: loading one built
+    with AVX-512 (or AVX512-BF16) on a CPU without it would kill the worker with SIGILL."""
+    cpu = torch.device("cpu")
+    built = {"type": "cpu", "arch": "x86_64", "capability": ["avx512", "avx512_bf16"]}
+    aoti = _info("aoti", device=built)
+    export = _info("export", device=built)  # portable: no machine code inside
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert refusal(aoti, cpu, library_versions()) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    reason = refusal(aoti, cpu, library_versions())
+    assert reason and "lacks avx512_bf16" in reason and "avx512," not in reason.split("lacks")[1]
+    best, lines = choose([aoti, export], cpu)
+    assert best.backend == "export" and "illegal instruction" in lines[0]
+    other_arch = _info("aoti", device={"type": "cpu", "arch": "aarch64", "capability": ["asimd"]})
+    assert refusal(other_arch, cpu, library_versions()) == "built for aarch64, this host is x86_64"
+    legacy = _info("aoti")  # metadata from before the ISA was recorded: accepted as before
+    assert refusal(legacy, cpu, library_versions()) is None
+
+
+def test_cache_key_includes_the_cpu_instruction_set(tmp_path, weights):
+    o = opts(tmp_path, weights, backend="aoti")
+    versions = library_versions()
+    avx512 = cache_key("w", o, "aoti", {"type": "cpu", "capability": ["avx512"]}, versions)
+    avx2 = cache_key("w", o, "aoti", {"type": "cpu", "capability": ["avx2"]}, versions)
+    assert avx512 != avx2
 
 
 def test_archive_with_several_artifacts_loads_the_best_fit(tmp_path, weights):
