@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.artifacts import METADATA_VERSION, device_info, library_versions, metadata_path
+from handlers.artifacts import CPU_TARGETS, METADATA_VERSION, device_info, library_versions, metadata_path
 
 from .surgery import PassReport, _first_tensor, run_passes
 
@@ -63,6 +64,7 @@ class CompileOptions:
     input_size: int = 224
     channels_last: bool = False
     hardware_compatible: bool = False
+    cpu_target: str = "native"  # aoti on CPU: native (this host's instructions) or an x86-64 level
     surgery: bool = True
     cache_dir: Path | None = None
     use_cache: bool = True
@@ -151,7 +153,14 @@ def build_export(model, sample, opts, path: Path) -> Callable:
 def build_aoti(model, sample, opts, path: Path) -> Callable:
     program = _export(model, sample, opts.batch)
     # freezing: weights become constants, so Inductor folds BatchNorm and prepacks conv weights.
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={"freezing": True})
+    configs: dict[str, Any] = {"freezing": True}
+    if not sample.is_cuda and opts.cpu_target != "native":
+        # Inductor compiles with -march=native by default: name the level instead, and the vector
+        # width its kernels use, so the package runs on every CPU of that level.
+        if not hasattr(torch._inductor.config.cpp, "march"):
+            raise CompileError(f"--cpu-target {opts.cpu_target}: this torch's Inductor has no cpp.march setting")
+        configs.update({"cpp.march": opts.cpu_target, "cpp.simdlen": CPU_TARGETS[opts.cpu_target][1]})
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return torch._inductor.aoti_load_package(str(path))
 
 
@@ -269,6 +278,11 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     lo, opt, hi = opts.batch
     if not 1 <= lo <= opt <= hi:
         raise CompileError(f"--batch {lo},{opt},{hi}: need 1 <= min <= opt <= max")
+    if opts.cpu_target != "native":
+        if opts.cpu_target not in CPU_TARGETS:
+            raise CompileError(f"--cpu-target {opts.cpu_target!r}: choose native, {', '.join(CPU_TARGETS)}")
+        if device.type != "cpu" or platform.machine() not in ("x86_64", "AMD64"):
+            raise CompileError(f"--cpu-target {opts.cpu_target} applies to CPU builds on x86-64 hosts")
     dtype = DTYPES[opts.precision]
     order = backend_order(opts.backend, device)
 
@@ -293,11 +307,12 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
         typed_sample = typed_sample.contiguous(memory_format=torch.channels_last)
 
     versions = library_versions()
-    dev = device_info(device)
+    dev = device_info(device, opts.cpu_target)
     cache_root = opts.cache_dir or default_cache_dir()
     opts.output.mkdir(parents=True, exist_ok=True)
     fallbacks: list[str] = []
-    log(f"[3/4] compiling: trying {' -> '.join(order)} for {dev['type']} ({opts.precision}, batch {lo}/{opt}/{hi})")
+    target = f", code for {dev['target']} CPUs" if dev["type"] == "cpu" else ""
+    log(f"[3/4] compiling: trying {' -> '.join(order)} for {dev['type']} ({opts.precision}, batch {lo}/{opt}/{hi}{target})")
     for backend in order:
         t0 = time.perf_counter()
         stem = f"{name}.{backend}-{dev['type']}"

@@ -51,6 +51,25 @@ def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.dev
     return out
 
 
+def model_gflop(model: torch.nn.Module, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() / 1e9
+
+
+def conv_ceiling_gflops(dtype: torch.dtype, device: torch.device, repeat: int = 8) -> float:
+    """Best-case convolution throughput here: one large 3x3 conv (8x256x56x56, channels-last), the
+    shape a vendor library runs closest to peak. A network can approach it, not pass it."""
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).eval().to(device=device, dtype=dtype)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = torch.randn(8, 256, 56, 56, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    flop = 2 * 8 * 256 * 256 * 9 * 56 * 56
+    times = time_interleaved({"conv": (conv,)}, {"conv": x}, repeat, device)["conv"]
+    return flop / (min(times) / 1000) / 1e9
+
+
 def host_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -66,18 +85,20 @@ def host_description(device: torch.device) -> str:
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {'native' if bf16 else 'emulated'}"
 
 
-def parse_variant(spec: str, args: argparse.Namespace) -> tuple[str, str, bool, bool]:
-    """`BACKEND[:PRECISION][+cl][+static]`, e.g. `aoti`, `aoti:bf16`, `aoti:fp32+cl+static`; the
-    precision defaults to --precision, the flags to --channels-last / --static-batch."""
+def parse_variant(spec: str, args: argparse.Namespace) -> tuple[str, str, bool, bool, str]:
+    """`BACKEND[:PRECISION][+cl][+static][+v3|+v4]`, e.g. `aoti`, `aoti:bf16`, `aoti:fp32+cl+static`,
+    `aoti+v3` (built for any x86-64-v3 CPU instead of this host); the precision defaults to
+    --precision, the flags to --channels-last / --static-batch."""
     head, *flags = spec.split("+")
     backend, _, precision = head.partition(":")
     precision = precision or args.precision
     if precision not in DTYPES:
         raise SystemExit(f"{spec!r}: precision must be one of {', '.join(DTYPES)}")
-    unknown = set(flags) - {"cl", "static"}
+    unknown = set(flags) - {"cl", "static", "v3", "v4"}
     if unknown:
-        raise SystemExit(f"{spec!r}: unknown flag(s) {', '.join(sorted(unknown))} (use +cl, +static)")
-    return backend, precision, args.channels_last or "cl" in flags, args.static_batch or "static" in flags
+        raise SystemExit(f"{spec!r}: unknown flag(s) {', '.join(sorted(unknown))} (use +cl, +static, +v3, +v4)")
+    target = "x86-64-v4" if "v4" in flags else "x86-64-v3" if "v3" in flags else "native"
+    return backend, precision, args.channels_last or "cl" in flags, args.static_batch or "static" in flags, target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,36 +133,53 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tsgpu-bb-") as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(eager.state_dict(), weights)  # fixed weights: compiles hit the cache when repeated
-        for i, (backend, precision, channels_last, static) in enumerate(variants):
+        for i, (backend, precision, channels_last, static, target) in enumerate(variants):
             t0 = time.perf_counter()
             result = compile_model(CompileOptions(
                 model=args.model, weights=str(weights), output=Path(tmp) / f"{i}-{backend}", backend=backend,
                 device=args.device, precision=precision,
                 batch=(top, top, top) if static else (1, max(2, min(8, top)), max(2, top)),
-                cache_dir=args.cache_dir, channels_last=channels_last,
+                cache_dir=args.cache_dir, channels_last=channels_last, cpu_target=target,
             ), log=lambda m: print("   " + m, flush=True))
             print(f"{backend} {precision}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
             bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), device)
-            layout = (" channels-last" if bb.channels_last else "") + (f" static b{top}" if static else "")
+            layout = ((" channels-last" if bb.channels_last else "") + (f" static b{top}" if static else "")
+                      + (f" {target}" if target != "native" else ""))
             runners[f"{result.meta['backend']} {precision}{layout}"] = (bb, bb.dtype, bb.channels_last)
 
         print(f"\n# {time.strftime('%Y-%m-%d')}, {args.model} on {device} ({platform.machine()}; "
               f"{host_description(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"{args.repeat} interleaved runs per row, median)")
-        print("| backend | batch | median ms | p90 ms | images/s | vs eager fp32 |")
-        print("|---|---:|---:|---:|---:|---:|")
+        dtypes = {dtype for _fn, dtype, _cl in runners.values()}
+        ceiling = {d: conv_ceiling_gflops(d, device) for d in sorted(dtypes, key=str)}
+        print("conv ceiling (one 3x3 256-channel conv, best of 8): " + ", ".join(
+            f"{str(d).replace('torch.', '')} {g:.0f} GFLOP/s" for d, g in ceiling.items()))
+        print("| backend | batch | median ms | p90 ms | images/s | GFLOP/s | % of conv ceiling | vs eager fp32 "
+              "| paired ratio p10-p90 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in args.batches:
             x32 = torch.randn(n, 3, 224, 224, device=device)
             inputs = {}
             for label, (_fn, dtype, channels_last) in runners.items():
                 x = x32.to(dtype)
                 inputs[label] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            gflop = model_gflop(eager, x32)
             times = time_interleaved(runners, inputs, args.repeat, device)
             base = statistics.median(times["eager fp32"])
             for label, ts in times.items():
                 ms = statistics.median(ts)
                 p90 = statistics.quantiles(ts, n=10)[-1] if len(ts) >= 2 else ms
-                print(f"| {label} | {n} | {ms:.1f} | {p90:.1f} | {n * 1000 / ms:.1f} | {base / ms:.2f}x |", flush=True)
+                rate = gflop / (ms / 1000)
+                share = 100 * rate / ceiling[runners[label][1]]
+                # Per round, eager fp32 and this row ran back to back: their ratio cancels slow drift.
+                paired = sorted(e / t for e, t in zip(times["eager fp32"], ts))
+                spread = (f"{paired[len(paired) // 10]:.2f}-{paired[-1 - len(paired) // 10]:.2f}"
+                          if len(paired) >= 10 else "-")
+                print(f"| {label} | {n} | {ms:.1f} | {p90:.1f} | {n * 1000 / ms:.1f} | {rate:.0f} | {share:.0f}% "
+                      f"| {base / ms:.2f}x | {spread} |", flush=True)
+            need = gflop / (base / 1.5 / 1000)
+            print(f"(batch {n}: 1.5x eager fp32 would need {need:.0f} GFLOP/s, "
+                  f"{100 * need / ceiling[torch.float32]:.0f}% of the fp32 conv ceiling)")
     return 0
 
 

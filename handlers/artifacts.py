@@ -46,60 +46,73 @@ def _module_version(name: str) -> str | None:
         return None
 
 
-def device_info(device: torch.device) -> dict[str, Any]:
-    """The build device as `tsgpu compile` records it. For a CPU, `capability` is the list of
-    instruction-set extensions Inductor compiles generated code for on this host (AOTInductor
-    packages contain that machine code: an AVX-512 package dies with SIGILL on an AVX2-only host)."""
+def device_info(device: torch.device, cpu_target: str = "native") -> dict[str, Any]:
+    """The build device as `tsgpu compile` records it. For a GPU, `capability` is the compute
+    capability. For a CPU it is the list of instruction-set extensions the generated code may use:
+    Inductor compiles AOTInductor packages with `-march=native` unless told otherwise, so a package
+    built on an AVX-512 host dies with SIGILL on an AVX2-only one (`cpu_target` picks a portable level)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": [major, minor]}
     if device.type == "cpu":
-        return {"type": "cpu", "name": cpu_model_name(), "arch": platform.machine(), "capability": inductor_cpu_isa()}
+        return {"type": "cpu", "name": cpu_model_name(), "arch": platform.machine(), "target": cpu_target,
+                "capability": cpu_requirements(cpu_target)}
     return {"type": device.type, "name": platform.processor() or platform.machine(), "capability": None}
 
 
 def cpu_model_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo_lines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
-# Extensions torch can test for on this host without a compiler (cpuinfo), by Inductor's names.
-_CPU_PROBES = {
-    "avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "avx512_vnni": "_is_vnni_supported",
-    "avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported",
-    "amx_fp16": "_is_amx_fp16_supported",
+# x86-64 micro-architecture levels a CPU package can target instead of the build host
+# (`tsgpu compile --cpu-target`), with the /proc/cpuinfo flags each one needs and Inductor's vector width.
+_X86_V2 = ["cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"]
+_X86_V3 = _X86_V2 + ["abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"]
+_X86_V4 = _X86_V3 + ["avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl"]
+CPU_TARGETS: dict[str, tuple[list[str], int]] = {"x86-64-v3": (_X86_V3, 256), "x86-64-v4": (_X86_V4, 512)}
+# Extensions a compiler may use under -march=native (the rest of the flags describe the machine, not
+# its instructions, and differ between hosts that run the same code).
+_X86_CODE_FLAGS = set(_X86_V4) | {
+    "aes", "pclmulqdq", "vpclmulqdq", "vaes", "gfni", "sha_ni", "adx", "rdrand", "rdseed", "clflushopt",
+    "clwb", "fsgsbase", "sse4a", "fma4", "xop", "tbm", "3dnowprefetch", "xsavec", "xsaveopt", "xsaves",
+    "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq",
+    "avx512_bf16", "avx512_fp16", "avx512_vp2intersect", "avx_vnni", "avx_vnni_int8", "avx_ifma",
+    "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "movdiri", "movdir64b", "serialize",
 }
 
 
-def inductor_cpu_isa() -> list[str]:
-    """Extensions Inductor targets on this host, e.g. ["avx512", "avx512_vnni", "avx512_bf16"];
-    [] where it generates portable code (or has no C++ compiler to probe with)."""
+def _cpuinfo_lines() -> list[str]:
     try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-        isa = pick_vec_isa()
-    except Exception:  # no compiler, or an Inductor without this module: nothing ISA-specific is built
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
         return []
-    names = [n for n in str(isa).split() if n != "INVALID_VEC_ISA"]
-    if getattr(isa, "_is_avx512_bf16_supported", False):  # Inductor then adds -mavx512bf16
-        names.append("avx512_bf16")
-    return names
 
 
-def missing_cpu_features(required: list[str]) -> list[str]:
-    """Which of `required` this CPU lacks (names torch cannot probe are taken as present)."""
-    missing = []
-    for name in required:
-        probe = getattr(torch.cpu, _CPU_PROBES.get(name, ""), None)
-        if probe is not None and not probe():
-            missing.append(name)
-    return missing
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags (x86 `flags`, Arm `Features`), or None where /proc/cpuinfo is absent."""
+    for line in _cpuinfo_lines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def cpu_requirements(target: str = "native") -> list[str]:
+    """The CPU flags code built for `target` on this host needs."""
+    if target in CPU_TARGETS:
+        return sorted(CPU_TARGETS[target][0])
+    if target != "native":
+        raise ValueError(f"unknown CPU target {target!r}: choose native or {', '.join(CPU_TARGETS)}")
+    flags = cpu_flags()
+    if flags is None:
+        return []
+    if platform.machine() in ("x86_64", "AMD64"):
+        return sorted(flags & _X86_CODE_FLAGS)
+    return sorted(flags)  # Arm's Features are all instruction-set extensions
 
 
 @dataclass(frozen=True)
@@ -141,10 +154,12 @@ def refusal(info: ArtifactInfo, device: torch.device, versions: dict[str, str | 
         arch = built.get("arch")
         if arch and arch != platform.machine():
             return f"built for {arch}, this host is {platform.machine()}"
-        missing = missing_cpu_features(built.get("capability") or [])
+        have = cpu_flags()
+        missing = sorted(set(built.get("capability") or []) - have) if have is not None else []
         if missing:
-            return (f"built for a CPU with {', '.join(built['capability'])}; this CPU lacks {', '.join(missing)} "
-                    "(its generated code would crash with an illegal instruction)")
+            return (f"built for {built.get('target', 'native')} on a CPU with instructions this CPU lacks "
+                    f"({', '.join(missing)}): its code would crash with an illegal instruction; rebuild with "
+                    "`tsgpu compile --cpu-target x86-64-v3` (or on this CPU), or pack an export artifact beside it")
     built_versions = meta.get("versions", {})
     needed = {"aoti": ("torch",), "tensorrt": ("torch", "torch_tensorrt", "tensorrt")}.get(backend, ())
     for lib in needed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import time
 
@@ -11,7 +12,7 @@ import torch
 
 from archiver_scripts.archive import build_archive
 from archiver_scripts.compile import CompileError, CompileOptions, cache_key, compile_model
-from handlers.artifacts import ArtifactInfo, choose, inductor_cpu_isa, refusal, library_versions
+from handlers.artifacts import ArtifactInfo, choose, cpu_flags, cpu_requirements, refusal, library_versions
 from handlers.errors import ModelLoadError
 from handlers.image_classifier import ImageClassifier
 from handlers.testing import FakeContext, raw_request, run_handler
@@ -46,7 +47,7 @@ def test_export_backend_metadata_and_validation(tmp_path, weights):
     assert meta["backend"] == "export" and meta["artifact_format"] == "exported_program"
     assert meta["input"] == {"shape": [3, 224, 224], "dtype": "float32", "batch": {"min": 1, "opt": 4, "max": 8}, "channels_last": False}
     assert meta["device"]["type"] == "cpu" and meta["versions"]["torch"] == torch.__version__
-    assert meta["device"]["capability"] == inductor_cpu_isa() and meta["device"]["arch"]
+    assert meta["device"]["capability"] == cpu_requirements("native") and meta["device"]["target"] == "native"
     assert len(meta["weight_hash"]) == 64
     assert meta["validation"]["passed"] and meta["validation"]["batch_sizes"] == [1, 4, 8]
     assert meta["validation"]["max_abs_diff"] < 1e-3
@@ -134,25 +135,66 @@ def test_artifact_choice_on_cpu():
 
 
 def test_cpu_package_built_for_missing_instructions_is_refused(monkeypatch):
-    """An AOTInductor package holds machine code for the build host's vector ISA: loading one built
-    with AVX-512 (or AVX512-BF16) on a CPU without it would kill the worker with SIGILL."""
+    """An AOTInductor package holds machine code built with -march=native: loading one built on an
+    AVX-512 host on a CPU without AVX-512 would kill the worker with SIGILL."""
     cpu = torch.device("cpu")
-    built = {"type": "cpu", "arch": "x86_64", "capability": ["avx512", "avx512_bf16"]}
+    built = {"type": "cpu", "arch": "x86_64", "target": "native", "capability": ["avx2", "avx512f", "avx512_bf16"]}
     aoti = _info("aoti", device=built)
     export = _info("export", device=built)  # portable: no machine code inside
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr("handlers.artifacts.cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "hypervisor"})
     assert refusal(aoti, cpu, library_versions()) is None
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr("handlers.artifacts.cpu_flags", lambda: {"avx2", "fma"})
     reason = refusal(aoti, cpu, library_versions())
-    assert reason and "lacks avx512_bf16" in reason and "avx512," not in reason.split("lacks")[1]
+    assert reason and "(avx512_bf16, avx512f)" in reason and "--cpu-target x86-64-v3" in reason
     best, lines = choose([aoti, export], cpu)
     assert best.backend == "export" and "illegal instruction" in lines[0]
     other_arch = _info("aoti", device={"type": "cpu", "arch": "aarch64", "capability": ["asimd"]})
     assert refusal(other_arch, cpu, library_versions()) == "built for aarch64, this host is x86_64"
-    legacy = _info("aoti")  # metadata from before the ISA was recorded: accepted as before
+    legacy = _info("aoti")  # metadata from before the instruction set was recorded: accepted as before
     assert refusal(legacy, cpu, library_versions()) is None
+    monkeypatch.setattr("handlers.artifacts.cpu_flags", lambda: None)  # no /proc/cpuinfo: cannot tell
+    assert refusal(aoti, cpu, library_versions()) is None
+
+
+def _disassembly(package, tmp_path) -> str:
+    import subprocess
+    import zipfile
+
+    out = tmp_path / package.stem
+    zipfile.ZipFile(package).extractall(out)
+    libs = sorted(out.rglob("*.so"))
+    assert libs, "an AOTInductor CPU package holds a shared library"
+    return "".join(subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+                   for lib in libs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("objdump"), reason="x86-64 with binutils only")
+def test_cpu_target_x86_64_v3_builds_avx2_code_that_loads_on_avx2_hosts(tmp_path, weights):
+    """--cpu-target x86-64-v3: the package holds no AVX-512 instruction (no zmm register), records
+    the AVX2 level, and is accepted by a host that has exactly that level."""
+    v3 = compile_model(opts(tmp_path, weights, backend="aoti", cpu_target="x86-64-v3", output=tmp_path / "v3"), log=quiet)
+    assert v3.meta["device"]["target"] == "x86-64-v3" and "avx2" in v3.meta["device"]["capability"]
+    assert "avx512f" not in v3.meta["device"]["capability"] and v3.meta["validation"]["passed"]
+    assert "zmm" not in _disassembly(v3.artifact, tmp_path)
+    if "avx512f" in (cpu_flags() or set()):  # on an AVX-512 host the default build does use it
+        native = compile_model(opts(tmp_path, weights, backend="aoti", output=tmp_path / "native"), log=quiet)
+        assert "zmm" in _disassembly(native.artifact, tmp_path)
+        assert native.meta["cache"]["key"] != v3.meta["cache"]["key"]
+    avx2_host = set(v3.meta["device"]["capability"])
+    import handlers.artifacts as artifacts
+    original = artifacts.cpu_flags
+    try:
+        artifacts.cpu_flags = lambda: avx2_host
+        assert refusal(ArtifactInfo.read(v3.artifact), torch.device("cpu"), library_versions()) is None
+    finally:
+        artifacts.cpu_flags = original
+
+
+def test_bad_cpu_target(tmp_path, weights):
+    with pytest.raises(CompileError, match="--cpu-target"):
+        compile_model(opts(tmp_path, weights, backend="aoti", cpu_target="pentium"), log=quiet)
 
 
 def test_cache_key_includes_the_cpu_instruction_set(tmp_path, weights):
