@@ -178,18 +178,40 @@ def build_tensorrt(model, sample, opts, path: Path) -> Callable:
         min_shape=(opts.batch[0], *shape), opt_shape=(opts.batch[1], *shape), max_shape=(opts.batch[2], *shape),
         dtype=sample.dtype,
     )]
-    params = inspect.signature(torch_tensorrt.dynamo.compile).parameters
-    kwargs: dict[str, Any] = {}
-    kwargs["arg_inputs" if "arg_inputs" in params else "inputs"] = inputs
-    if "enabled_precisions" in params:  # removed in 2.13: precision then follows the model's dtype
-        kwargs["enabled_precisions"] = {sample.dtype}
-    if "hardware_compatible" in params:
-        kwargs["hardware_compatible"] = opts.hardware_compatible
-    elif opts.hardware_compatible:
-        raise CompileError("this torch-tensorrt has no hardware_compatible option")
-    compiled = torch_tensorrt.dynamo.compile(program, **kwargs)
-    torch_tensorrt.save(compiled, str(path), output_format="exported_program", arg_inputs=[sample])
+    compiled = torch_tensorrt.dynamo.compile(
+        program, **trt_compile_kwargs(torch_tensorrt.dynamo.compile, inputs, sample.dtype, opts.hardware_compatible))
+    torch_tensorrt.save(compiled, str(path), **trt_save_kwargs(torch_tensorrt.save, sample, opts.batch))
     return torch.export.load(str(path)).module()
+
+
+def trt_compile_kwargs(compile_fn: Callable, inputs: list, dtype: torch.dtype, hardware_compatible: bool) -> dict[str, Any]:
+    """Keyword arguments for this Torch-TensorRT's `dynamo.compile`, found from its signature:
+    `arg_inputs` or (older) `inputs`; `enabled_precisions` where it still exists (2.14.0 has none:
+    the precision follows the model's dtype); `hardware_compatible` where it exists."""
+    params = inspect.signature(compile_fn).parameters
+    kwargs: dict[str, Any] = {"arg_inputs" if "arg_inputs" in params else "inputs": inputs}
+    if "enabled_precisions" in params:
+        kwargs["enabled_precisions"] = {dtype}
+    if "hardware_compatible" in params:
+        kwargs["hardware_compatible"] = hardware_compatible
+    elif hardware_compatible:
+        raise CompileError("this torch-tensorrt has no hardware_compatible option")
+    return kwargs
+
+
+def trt_save_kwargs(save_fn: Callable, sample: torch.Tensor, batch: tuple[int, int, int]) -> dict[str, Any]:
+    """Keyword arguments for `torch_tensorrt.save` that keep the batch dimension dynamic in the saved
+    ExportedProgram: the same Dim as the export (explicit `dynamic_shapes` where the signature has
+    it, as 2.14.0's does), and an example with at least 2 rows: export specialises a size-1 dimension."""
+    params = inspect.signature(save_fn).parameters
+    dynamic = batch[0] != batch[2]
+    if dynamic and sample.shape[0] < 2:
+        sample = sample.expand(2, *sample.shape[1:]).contiguous(memory_format=_layout(sample))
+    kwargs: dict[str, Any] = {"output_format": "exported_program",
+                              "arg_inputs" if "arg_inputs" in params else "inputs": [sample]}
+    if dynamic and "dynamic_shapes" in params:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=batch[0], max=batch[2])},)
+    return kwargs
 
 
 BUILDERS = {"tensorrt": build_tensorrt, "aoti": build_aoti, "export": build_export}

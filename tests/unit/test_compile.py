@@ -292,3 +292,46 @@ def test_static_batch_artifact_pads_smaller_batches(tmp_path, weights):
     with pytest.raises(Exception):  # more rows than compiled for: the artifact refuses them
         with torch.inference_mode():
             backbone(torch.randn(5, 3, 224, 224))
+
+
+# Signatures of torch_tensorrt 2.14.0's entry points as that wheel declares them (read from its
+# source; TensorRT itself cannot be installed on a host without the NVIDIA index and a GPU), and of
+# an older release without arg_inputs / dynamic_shapes, to check the keyword detection.
+def _trt214_compile(exported_program, inputs=None, *, arg_inputs=None, kwarg_inputs=None, device=None,
+                    hardware_compatible=False, **kwargs):
+    pass
+
+
+def _trt214_save(module, file_path="", *, extra_files=None, output_format="exported_program", inputs=None,
+                 arg_inputs=None, kwarg_inputs=None, retrace=True, use_legacy_exporter=None, pickle_protocol=2,
+                 dynamic_shapes=None, **kwargs):
+    pass
+
+
+def _trt_old_compile(exported_program, inputs, *, device=None, enabled_precisions=None):
+    pass
+
+
+def _trt_old_save(module, file_path="", *, output_format="exported_program", inputs=None, retrace=False):
+    pass
+
+
+def test_tensorrt_keywords_follow_the_installed_signature():
+    from archiver_scripts.compile import trt_compile_kwargs, trt_save_kwargs
+
+    spec = ["input-spec"]
+    new = trt_compile_kwargs(_trt214_compile, spec, torch.float16, hardware_compatible=True)
+    assert new == {"arg_inputs": spec, "hardware_compatible": True}  # precision follows the model dtype
+    old = trt_compile_kwargs(_trt_old_compile, spec, torch.float16, hardware_compatible=False)
+    assert old == {"inputs": spec, "enabled_precisions": {torch.float16}}
+    with pytest.raises(CompileError, match="no hardware_compatible option"):
+        trt_compile_kwargs(_trt_old_compile, spec, torch.float16, hardware_compatible=True)
+
+    one_row = torch.randn(1, 3, 8, 8)
+    saved = trt_save_kwargs(_trt214_save, one_row, (1, 4, 16))
+    assert saved["output_format"] == "exported_program" and saved["arg_inputs"][0].shape[0] == 2
+    (dims,) = saved["dynamic_shapes"]
+    assert dims[0].min == 1 and dims[0].max == 16  # the saved program keeps the whole batch range
+    assert "dynamic_shapes" not in trt_save_kwargs(_trt214_save, one_row, (4, 4, 4))  # static spec
+    legacy = trt_save_kwargs(_trt_old_save, torch.randn(4, 3, 8, 8), (1, 4, 16))
+    assert set(legacy) == {"output_format", "inputs"} and legacy["inputs"][0].shape[0] == 4
