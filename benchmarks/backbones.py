@@ -26,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from archiver_scripts.compile import DTYPES, CompileOptions, compile_model, load_model  # noqa: E402
+from archiver_scripts.compile import DTYPES, CompileOptions, _native_cpu, compile_model, load_model  # noqa: E402
+from handlers.artifacts import cpu_model_name  # noqa: E402
 from handlers.backbone import load_backbone  # noqa: E402
 from handlers.config import ModelConfig  # noqa: E402
 
@@ -73,16 +74,8 @@ def conv_ceiling_gflops(dtype: torch.dtype, device: torch.device, repeat: int = 
 def host_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {'native' if bf16 else 'emulated'}"
+    bf16 = "native" if _native_cpu("bf16") else "emulated"
+    return f"{cpu_model_name()}, {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {bf16}"
 
 
 def parse_variant(spec: str, args: argparse.Namespace) -> tuple[str, str, bool, bool, str]:
