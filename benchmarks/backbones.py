@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's; a TorchServe worker of ours gets CPUs / workers)")
     parser.add_argument("--no-eager-precision", action="store_true",
                         help="with --precision bf16/fp16, skip the eager row at that precision")
     parser.add_argument("--channels-last", action="store_true", help="compile the backends for channels-last input")
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile for exactly max(--batches) rows (smaller batches are padded up to it)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     top = max(args.batches)
     torch.manual_seed(0)
     eager, _ = load_model(args.model)
