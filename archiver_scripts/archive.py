@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 import handlers
-from handlers.artifacts import ArtifactInfo, metadata_path
+from handlers.artifacts import PORTABLE, ArtifactInfo, metadata_path
 from handlers.config import HandlerConfig, apply_overrides
 from handlers.errors import ConfigError
 from handlers.labels import load_labels
@@ -54,6 +54,19 @@ class Handler(_Base):
 
 class ArchiveError(ValueError):
     """A bad `tsgpu archive` option; the message names the flag and the value."""
+
+
+def _portability_note(info: ArtifactInfo | None, has_portable: bool) -> str | None:
+    """A warning for a CPU package built for the build host's own instructions in an archive with no
+    portable fallback: it will be refused on CPUs that lack them."""
+    device = info.meta.get("device", {}) if info is not None else {}
+    if info is None or info.backend != "aoti" or device.get("type") != "cpu" or device.get("target") != "native":
+        return None
+    if has_portable:
+        return None
+    return (f"built for this host's CPU ({device.get('name', '?')}); workers on CPUs without all of its "
+            f"{len(device.get('capability') or [])} instruction-set flags will refuse it. For a mixed fleet, "
+            "compile with --cpu-target x86-64-v3 or add an export artifact (--model ... --model ...)")
 
 
 def build_archive(
@@ -141,6 +154,11 @@ def build_archive(
         stage = Path(tmp)
         sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB{', ' + i.backend if i else ''})" for p, i in zip(model_paths, infos))
         log(f"[1/4] staging {name}: {sizes}, task {task}")
+        has_portable = any(i is not None and i.backend in PORTABLE for i in infos)
+        for path, info in zip(model_paths, infos):
+            note = _portability_note(info, has_portable)
+            if note:
+                log(f"  note: {path.name}: {note}")
         artifact_extras = [p.resolve() for p in model_paths[1:]]
         artifact_extras += [metadata_path(p).resolve() for p, i in zip(model_paths, infos) if i is not None]
         extras = _stage(stage, module, cls, model_config, labels_path, class_files, [*artifact_extras, *extra_files])

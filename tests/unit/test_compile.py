@@ -335,3 +335,16 @@ def test_tensorrt_keywords_follow_the_installed_signature():
     assert "dynamic_shapes" not in trt_save_kwargs(_trt214_save, one_row, (4, 4, 4))  # static spec
     legacy = trt_save_kwargs(_trt_old_save, torch.randn(4, 3, 8, 8), (1, 4, 16))
     assert set(legacy) == {"output_format", "inputs"} and legacy["inputs"][0].shape[0] == 4
+
+
+def test_archive_warns_about_a_native_cpu_package_without_a_portable_fallback():
+    from archiver_scripts.archive import _portability_note
+
+    native = _info("aoti", device={"type": "cpu", "name": "Some CPU", "target": "native", "capability": ["avx2", "avx512f"]})
+    note = _portability_note(native, has_portable=False)
+    assert note and "--cpu-target x86-64-v3" in note and "2 instruction-set flags" in note
+    assert _portability_note(native, has_portable=True) is None  # an export artifact beside it
+    level = _info("aoti", device={"type": "cpu", "target": "x86-64-v3", "capability": ["avx2"]})
+    assert _portability_note(level, has_portable=False) is None
+    assert _portability_note(_info("export"), has_portable=True) is None
+    assert _portability_note(None, has_portable=False) is None
