@@ -56,17 +56,27 @@ class ArchiveError(ValueError):
     """A bad `tsgpu archive` option; the message names the flag and the value."""
 
 
-def _portability_note(info: ArtifactInfo | None, has_portable: bool) -> str | None:
+def _portability_note(info: ArtifactInfo | None, has_fallback: bool) -> str | None:
     """A warning for a CPU package built for the build host's own instructions in an archive with no
-    portable fallback: it will be refused on CPUs that lack them."""
+    fallback for other CPUs: workers on CPUs that lack them will refuse it."""
     device = info.meta.get("device", {}) if info is not None else {}
     if info is None or info.backend != "aoti" or device.get("type") != "cpu" or device.get("target") != "native":
         return None
-    if has_portable:
+    if has_fallback:
         return None
+    level = "compile with --cpu-target x86-64-v3 or " if device.get("arch") == "x86_64" else ""
     return (f"built for this host's CPU ({device.get('name', '?')}); workers on CPUs without all of its "
             f"{len(device.get('capability') or [])} instruction-set flags will refuse it. For a mixed fleet, "
-            "compile with --cpu-target x86-64-v3 or add an export artifact (--model ... --model ...)")
+            f"{level}add an export artifact (--model ... --model ...)")
+
+
+def _fallback_for_other_cpus(info: ArtifactInfo | None) -> bool:
+    """An artifact that serves on CPUs unlike the build host: portable formats, and CPU packages
+    built for an x86-64 level rather than the build host."""
+    if info is None:
+        return False
+    device = info.meta.get("device", {})
+    return info.backend in PORTABLE or (device.get("type") == "cpu" and device.get("target") not in (None, "native"))
 
 
 def build_archive(
@@ -154,9 +164,9 @@ def build_archive(
         stage = Path(tmp)
         sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB{', ' + i.backend if i else ''})" for p, i in zip(model_paths, infos))
         log(f"[1/4] staging {name}: {sizes}, task {task}")
-        has_portable = any(i is not None and i.backend in PORTABLE for i in infos)
+        has_fallback = any(map(_fallback_for_other_cpus, infos))
         for path, info in zip(model_paths, infos):
-            note = _portability_note(info, has_portable)
+            note = _portability_note(info, has_fallback)
             if note:
                 log(f"  note: {path.name}: {note}")
         artifact_extras = [p.resolve() for p in model_paths[1:]]

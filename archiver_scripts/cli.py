@@ -52,9 +52,9 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", default="1,8,32", help="MIN,OPT,MAX batch sizes the artifact accepts (default 1,8,32)")
     p.add_argument("--input-size", type=int, default=224, help="square input side (default 224)")
     p.add_argument("--channels-last", action="store_true", help="compile for channels-last inputs")
-    p.add_argument("--cpu-target", default="native", choices=["native", "x86-64-v3", "x86-64-v4"],
+    p.add_argument("--cpu-target", default="native", choices=["native", "x86-64-v3"],
                    help="aoti on CPU: native = this host's instructions (fastest; the package loads only on "
-                        "CPUs with the same extensions), x86-64-v3 = any AVX2 CPU, x86-64-v4 = any AVX-512 CPU")
+                        "CPUs with the same extensions), x86-64-v3 = any AVX2/FMA CPU (Linux x86-64)")
     p.add_argument("--hardware-compatible", action="store_true", help="TensorRT: engine that loads on any Ampere+ GPU")
     p.add_argument("--no-surgery", action="store_true", help="skip the surgery passes")
     p.add_argument("--tolerance", type=float, help="max abs diff vs eager allowed (default: by precision)")

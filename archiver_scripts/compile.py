@@ -22,7 +22,6 @@ import importlib.util
 import inspect
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from handlers.artifacts import CPU_TARGETS, METADATA_VERSION, device_info, library_versions, metadata_path
+from handlers.artifacts import (
+    CPU_TARGETS, METADATA_VERSION, cpu_target_supported, device_info, library_versions, metadata_path,
+    native_cpu_precision,
+)
 
 from .surgery import PassReport, _first_tensor, run_passes
 
@@ -64,7 +66,7 @@ class CompileOptions:
     input_size: int = 224
     channels_last: bool = False
     hardware_compatible: bool = False
-    cpu_target: str = "native"  # aoti on CPU: native (this host's instructions) or an x86-64 level
+    cpu_target: str = "native"  # aoti on CPU: native (this host's instructions) or x86-64-v3
     surgery: bool = True
     cache_dir: Path | None = None
     use_cache: bool = True
@@ -134,10 +136,15 @@ def _export(model: nn.Module, sample: torch.Tensor, batch: tuple[int, int, int])
     (param,) = list(inspect.signature(model.forward).parameters)[:1] or ["x"]
     if batch[0] == batch[2]:
         return torch.export.export(model, (sample[: batch[0]],))
-    if sample.shape[0] < 2:  # export specialises a size-1 dimension; trace with 2 rows
-        sample = sample.expand(2, *sample.shape[1:]).contiguous(memory_format=_layout(sample))
     dim = torch.export.Dim("batch", min=batch[0], max=batch[2])
-    return torch.export.export(model, (sample,), dynamic_shapes={param: {0: dim}})
+    return torch.export.export(model, (_two_rows(sample),), dynamic_shapes={param: {0: dim}})
+
+
+def _two_rows(sample: torch.Tensor) -> torch.Tensor:
+    """An example with at least 2 rows: export specialises a size-1 dimension to 1."""
+    if sample.shape[0] >= 2:
+        return sample
+    return sample.expand(2, *sample.shape[1:]).contiguous(memory_format=_layout(sample))
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -202,11 +209,11 @@ def trt_compile_kwargs(compile_fn: Callable, inputs: list, dtype: torch.dtype, h
 def trt_save_kwargs(save_fn: Callable, sample: torch.Tensor, batch: tuple[int, int, int]) -> dict[str, Any]:
     """Keyword arguments for `torch_tensorrt.save` that keep the batch dimension dynamic in the saved
     ExportedProgram: the same Dim as the export (explicit `dynamic_shapes` where the signature has
-    it, as 2.14.0's does), and an example with at least 2 rows: export specialises a size-1 dimension."""
+    it, as 2.14.0's does), and an example with at least 2 rows."""
     params = inspect.signature(save_fn).parameters
     dynamic = batch[0] != batch[2]
-    if dynamic and sample.shape[0] < 2:
-        sample = sample.expand(2, *sample.shape[1:]).contiguous(memory_format=_layout(sample))
+    if dynamic:
+        sample = _two_rows(sample)
     kwargs: dict[str, Any] = {"output_format": "exported_program",
                               "arg_inputs" if "arg_inputs" in params else "inputs": [sample]}
     if dynamic and "dynamic_shapes" in params:
@@ -260,20 +267,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TSGPU_CACHE_DIR") or Path.home() / ".cache" / "tsgpu" / "artifacts")
 
 
-def _native_cpu(precision: str) -> bool:
-    """Whether oneDNN runs `precision` natively on this CPU (AVX512-BF16 / AMX), not emulated."""
-    probe = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def cache_key(whash: str, opts: CompileOptions, backend: str, device: dict, versions: dict) -> str:
     material = {
         "v": METADATA_VERSION, "weights": whash, "backend": backend, "precision": opts.precision,
         "batch": list(opts.batch), "input_size": opts.input_size, "channels_last": opts.channels_last,
-        "surgery": opts.surgery, "hardware_compatible": opts.hardware_compatible,
+        "surgery": opts.surgery, "hardware_compatible": opts.hardware_compatible, "cpu_target": opts.cpu_target,
         "device": device["type"], "capability": device["capability"], "versions": versions,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
@@ -301,14 +299,14 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     if not 1 <= lo <= opt <= hi:
         raise CompileError(f"--batch {lo},{opt},{hi}: need 1 <= min <= opt <= max")
     if opts.cpu_target != "native":
-        if opts.cpu_target not in CPU_TARGETS:
-            raise CompileError(f"--cpu-target {opts.cpu_target!r}: choose native, {', '.join(CPU_TARGETS)}")
-        if device.type != "cpu" or platform.machine() not in ("x86_64", "AMD64"):
-            raise CompileError(f"--cpu-target {opts.cpu_target} applies to CPU builds on x86-64 hosts")
+        problem = cpu_target_supported(opts.cpu_target) or (
+            None if device.type == "cpu" else f"--cpu-target {opts.cpu_target} applies to CPU builds")
+        if problem:
+            raise CompileError(f"--cpu-target {opts.cpu_target}: {problem}")
     dtype = DTYPES[opts.precision]
     order = backend_order(opts.backend, device)
 
-    if device.type == "cpu" and opts.precision in ("bf16", "fp16") and not _native_cpu(opts.precision):
+    if device.type == "cpu" and not native_cpu_precision(opts.precision):
         log(f"  warning: this CPU has no native {opts.precision} matrix instructions (oneDNN emulates them): "
             f"expect {opts.precision} to be slower than fp32 here, and on serving hosts like this one")
     log(f"[1/4] loading {opts.model}")

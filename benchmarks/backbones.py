@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from archiver_scripts.compile import DTYPES, CompileOptions, _native_cpu, compile_model, load_model  # noqa: E402
-from handlers.artifacts import cpu_model_name  # noqa: E402
+from archiver_scripts.compile import DTYPES, CompileOptions, compile_model, load_model  # noqa: E402
+from handlers.artifacts import cpu_model_name, native_cpu_precision  # noqa: E402
 from handlers.backbone import load_backbone  # noqa: E402
 from handlers.config import ModelConfig  # noqa: E402
 
@@ -74,24 +75,38 @@ def conv_ceiling_gflops(dtype: torch.dtype, device: torch.device, repeat: int = 
 def host_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    bf16 = "native" if _native_cpu("bf16") else "emulated"
+    bf16 = "native" if native_cpu_precision("bf16") else "emulated"
     return f"{cpu_model_name()}, {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {bf16}"
 
 
-def parse_variant(spec: str, args: argparse.Namespace) -> tuple[str, str, bool, bool, str]:
-    """`BACKEND[:PRECISION][+cl][+static][+v3|+v4]`, e.g. `aoti`, `aoti:bf16`, `aoti:fp32+cl+static`,
-    `aoti+v3` (built for any x86-64-v3 CPU instead of this host); the precision defaults to
-    --precision, the flags to --channels-last / --static-batch."""
+@dataclass(frozen=True)
+class Variant:
+    backend: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    static_batch: bool = False
+    cpu_target: str = "native"
+
+    def label(self, top: int) -> str:
+        return (f"{self.backend} {self.precision}" + (" channels-last" if self.channels_last else "")
+                + (f" static b{top}" if self.static_batch else "")
+                + (f" {self.cpu_target}" if self.cpu_target != "native" else ""))
+
+
+def parse_variant(spec: str, precision: str = "fp32", channels_last: bool = False, static_batch: bool = False) -> Variant:
+    """`BACKEND[:PRECISION][+cl][+static][+v3]`, e.g. `aoti`, `aoti:bf16`, `aoti:fp32+cl+static`,
+    `aoti+v3` (built for any x86-64-v3 CPU instead of this host); the keyword arguments are the
+    defaults for what the spec leaves out."""
     head, *flags = spec.split("+")
-    backend, _, precision = head.partition(":")
-    precision = precision or args.precision
+    backend, _, named = head.partition(":")
+    precision = named or precision
     if precision not in DTYPES:
         raise SystemExit(f"{spec!r}: precision must be one of {', '.join(DTYPES)}")
-    unknown = set(flags) - {"cl", "static", "v3", "v4"}
+    unknown = set(flags) - {"cl", "static", "v3"}
     if unknown:
-        raise SystemExit(f"{spec!r}: unknown flag(s) {', '.join(sorted(unknown))} (use +cl, +static, +v3, +v4)")
-    target = "x86-64-v4" if "v4" in flags else "x86-64-v3" if "v3" in flags else "native"
-    return backend, precision, args.channels_last or "cl" in flags, args.static_batch or "static" in flags, target
+        raise SystemExit(f"{spec!r}: unknown flag(s) {', '.join(sorted(unknown))} (use +cl, +static, +v3)")
+    return Variant(backend, precision, channels_last or "cl" in flags, static_batch or "static" in flags,
+                   "x86-64-v3" if "v3" in flags else "native")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="torchvision:resnet50")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", nargs="+", default=["export", "aoti"],
-                        help="variants BACKEND[:PRECISION][+cl][+static], e.g. aoti aoti:bf16 aoti+cl")
+                        help="variants BACKEND[:PRECISION][+cl][+static][+v3], e.g. aoti aoti:bf16 aoti+cl aoti+v3")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeat", type=int, default=10)
@@ -119,30 +134,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     eager, _ = load_model(args.model)
     eager = eager.to(device)
-    variants = [parse_variant(v, args) for v in args.backends]
+    variants = [parse_variant(v, args.precision, args.channels_last, args.static_batch) for v in args.backends]
+    labels = [v.label(top) for v in variants]
+    clash = {l for l in labels if labels.count(l) > 1 or l.startswith("eager ")}
+    if clash:
+        raise SystemExit(f"--backends: {', '.join(sorted(clash))} given twice or clashing with the eager rows")
     runners = {"eager fp32": (eager, torch.float32, False)}
     if not args.no_eager_precision:
         # The same eager model at each compiled precision: separates what compiling buys from what
         # the lower precision buys.
-        for precision in sorted({v[1] for v in variants} - {"fp32"}):
+        for precision in sorted({v.precision for v in variants} - {"fp32"}):
             dtype = DTYPES[precision]
             runners[f"eager {precision}"] = (copy.deepcopy(eager).to(dtype), dtype, False)
     with tempfile.TemporaryDirectory(prefix="tsgpu-bb-") as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(eager.state_dict(), weights)  # fixed weights: compiles hit the cache when repeated
-        for i, (backend, precision, channels_last, static, target) in enumerate(variants):
+        for i, (v, label) in enumerate(zip(variants, labels)):
             t0 = time.perf_counter()
             result = compile_model(CompileOptions(
-                model=args.model, weights=str(weights), output=Path(tmp) / f"{i}-{backend}", backend=backend,
-                device=args.device, precision=precision,
-                batch=(top, top, top) if static else (1, max(2, min(8, top)), max(2, top)),
-                cache_dir=args.cache_dir, channels_last=channels_last, cpu_target=target,
+                model=args.model, weights=str(weights), output=Path(tmp) / f"{i}-{v.backend}", backend=v.backend,
+                device=args.device, precision=v.precision,
+                batch=(top, top, top) if v.static_batch else (1, max(2, min(8, top)), max(2, top)),
+                cache_dir=args.cache_dir, channels_last=v.channels_last, cpu_target=v.cpu_target,
             ), log=lambda m: print("   " + m, flush=True))
-            print(f"{backend} {precision}: compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+            print(f"{label}: compiled ({result.meta['backend']}) in {time.perf_counter() - t0:.1f}s", flush=True)
             bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), device)
-            layout = ((" channels-last" if bb.channels_last else "") + (f" static b{top}" if static else "")
-                      + (f" {target}" if target != "native" else ""))
-            runners[f"{result.meta['backend']} {precision}{layout}"] = (bb, bb.dtype, bb.channels_last)
+            runners[label] = (bb, bb.dtype, bb.channels_last)
 
         print(f"\n# {time.strftime('%Y-%m-%d')}, {args.model} on {device} ({platform.machine()}; "
               f"{host_description(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "

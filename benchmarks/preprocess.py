@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from archiver_scripts import samples  # noqa: E402
+from handlers.artifacts import cpu_model_name  # noqa: E402
 from handlers.preprocess import _BACKEND_MODULES, PreprocessSpec, backend_module  # noqa: E402
 
 SIZES = {"1080p": (1920, 1080), "4k": (3840, 2160)}
@@ -120,7 +121,7 @@ def _variants(name: str) -> list[tuple[str, dict]]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} torch threads)"
+    return f"cpu ({cpu_model_name()}, {torch.get_num_threads()} torch threads)"
 
 
 if __name__ == "__main__":

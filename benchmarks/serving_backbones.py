@@ -8,8 +8,8 @@ QPS, p50, p99, errors and server CPU per request for each, and QPS relative to e
 
     python benchmarks/serving_backbones.py [--duration 30] [--variants eager aoti aoti:bf16+cl]
 
-A variant is BACKEND[:PRECISION][+cl] (`+cl`: compiled for channels-last input). bf16 variants are
-skipped, with the reason, on CPUs where oneDNN only emulates bf16.
+A variant is BACKEND[:PRECISION][+cl][+static][+v3], as in benchmarks/backbones.py. bf16 variants
+are skipped, with the reason, on CPUs where oneDNN only emulates bf16.
 """
 
 from __future__ import annotations
@@ -26,18 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from archiver_scripts.archive import build_archive  # noqa: E402
-from archiver_scripts.compile import DTYPES, CompileOptions, _native_cpu, compile_model  # noqa: E402
-from handlers.artifacts import cpu_model_name  # noqa: E402
+from archiver_scripts.compile import CompileOptions, compile_model  # noqa: E402
+from handlers.artifacts import cpu_model_name, native_cpu_precision  # noqa: E402
+from benchmarks.backbones import Variant, parse_variant  # noqa: E402
 from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, WORKERS, make_images, measure  # noqa: E402
-
-
-def parse_variant(spec: str) -> tuple[str, str, bool]:
-    head, *flags = spec.split("+")
-    backend, _, precision = head.partition(":")
-    precision = precision or "fp32"
-    if precision not in DTYPES or set(flags) - {"cl"}:
-        raise SystemExit(f"{spec!r}: expected BACKEND[:fp32|fp16|bf16][+cl]")
-    return backend, precision, "cl" in flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
-    if variants[0][:2] != ("eager", "fp32"):
-        variants.insert(0, ("eager", "fp32", False))  # the baseline every ratio is taken against
+    if variants[0] != Variant("eager"):
+        variants.insert(0, Variant("eager"))  # the baseline every ratio is taken against
 
     import torch
     import torchvision
@@ -69,16 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         labels = work / "index_to_name.json"
         labels.write_text(json.dumps({str(i): f"class_{i}" for i in range(1000)}))
         names = []
-        for backend, precision, channels_last in variants:
-            label = f"{backend}-{precision}" + ("-cl" if channels_last else "")
-            if precision != "fp32" and not _native_cpu(precision):
-                print(f"[{label}] skipped: this CPU has no native {precision}", flush=True)
+        for v in variants:
+            label = v.label(BATCH_SIZE).replace(" ", "-")
+            if not native_cpu_precision(v.precision):
+                print(f"[{label}] skipped: this CPU has no native {v.precision}", flush=True)
                 continue
             print(f"[{label}] tsgpu compile ...", flush=True)
             result = compile_model(CompileOptions(
-                model="torchvision:resnet50", weights=str(weights), output=work / label, backend=backend,
-                precision=precision, batch=(1, BATCH_SIZE, BATCH_SIZE), channels_last=channels_last,
-                cache_dir=args.cache_dir,
+                model="torchvision:resnet50", weights=str(weights), output=work / label, backend=v.backend,
+                precision=v.precision, batch=(BATCH_SIZE,) * 3 if v.static_batch else (1, BATCH_SIZE, BATCH_SIZE),
+                channels_last=v.channels_last, cpu_target=v.cpu_target, cache_dir=args.cache_dir,
             ), log=lambda m: print("   " + m, flush=True))
             build_archive(label, result.artifact, store, labels=labels, batch_size=BATCH_SIZE,
                           max_batch_delay=BATCH_DELAY_MS, workers=WORKERS, force=True, log=lambda m: None)

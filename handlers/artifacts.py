@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,10 @@ def _module_version(name: str) -> str | None:
 
 def device_info(device: torch.device, cpu_target: str = "native") -> dict[str, Any]:
     """The build device as `tsgpu compile` records it. For a GPU, `capability` is the compute
-    capability. For a CPU it is the list of instruction-set extensions the generated code may use:
-    Inductor compiles AOTInductor packages with `-march=native` unless told otherwise, so a package
-    built on an AVX-512 host dies with SIGILL on an AVX2-only one (`cpu_target` picks a portable level)."""
+    capability. For a CPU it is the list of CPU flags the generated code may use (None: unknown):
+    on Linux x86-64 Inductor compiles AOTInductor packages with `-march=native` unless told
+    otherwise, so a package built on an AVX-512 host dies with SIGILL on an AVX2-only one
+    (`cpu_target` picks a portable level instead)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": [major, minor]}
@@ -67,21 +69,21 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-# x86-64 micro-architecture levels a CPU package can target instead of the build host
-# (`tsgpu compile --cpu-target`), with the /proc/cpuinfo flags each one needs and Inductor's vector width.
+# The x86-64 level a CPU package can target instead of the build host (`tsgpu compile
+# --cpu-target`): the /proc/cpuinfo flags it needs, and the vector width Inductor's kernels then use.
 _X86_V2 = ["cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"]
 _X86_V3 = _X86_V2 + ["abm", "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"]
-_X86_V4 = _X86_V3 + ["avx512bw", "avx512cd", "avx512dq", "avx512f", "avx512vl"]
-CPU_TARGETS: dict[str, tuple[list[str], int]] = {"x86-64-v3": (_X86_V3, 256), "x86-64-v4": (_X86_V4, 512)}
-# Extensions a compiler may use under -march=native (the rest of the flags describe the machine, not
-# its instructions, and differ between hosts that run the same code).
-_X86_CODE_FLAGS = set(_X86_V4) | {
-    "aes", "pclmulqdq", "vpclmulqdq", "vaes", "gfni", "sha_ni", "adx", "rdrand", "rdseed", "clflushopt",
-    "clwb", "fsgsbase", "sse4a", "fma4", "xop", "tbm", "3dnowprefetch", "xsavec", "xsaveopt", "xsaves",
-    "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq",
-    "avx512_bf16", "avx512_fp16", "avx512_vp2intersect", "avx_vnni", "avx_vnni_int8", "avx_ifma",
-    "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "movdiri", "movdir64b", "serialize",
+CPU_TARGETS: dict[str, tuple[list[str], int]] = {"x86-64-v3": (_X86_V3, 256)}
+# Extensions a compiler may emit under -march=native. The other flags describe the machine (or
+# system instructions generated code never uses) and differ between hosts that run the same code.
+_X86_CODE_FLAGS = set(_X86_V3) | {
+    "aes", "pclmulqdq", "vpclmulqdq", "vaes", "gfni", "sha_ni", "sse4a", "fma4", "xop", "tbm",
+    "3dnowprefetch", "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "avx512ifma",
+    "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq", "avx512_bf16",
+    "avx512_fp16", "avx512_vp2intersect", "avx_vnni", "avx_vnni_int8", "avx_ifma", "avx_ne_convert",
+    "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
 }
+_ARM_NON_CODE_FLAGS = {"evtstrm", "cpuid"}  # Arm Features entries that are not instructions
 
 
 def _cpuinfo_lines() -> list[str]:
@@ -101,18 +103,40 @@ def cpu_flags() -> set[str] | None:
     return None
 
 
-def cpu_requirements(target: str = "native") -> list[str]:
-    """The CPU flags code built for `target` on this host needs."""
+def cpu_requirements(target: str = "native") -> list[str] | None:
+    """The CPU flags code built for `target` on this host needs (None: cannot tell here)."""
     if target in CPU_TARGETS:
         return sorted(CPU_TARGETS[target][0])
     if target != "native":
         raise ValueError(f"unknown CPU target {target!r}: choose native or {', '.join(CPU_TARGETS)}")
     flags = cpu_flags()
     if flags is None:
-        return []
+        return None
     if platform.machine() in ("x86_64", "AMD64"):
         return sorted(flags & _X86_CODE_FLAGS)
-    return sorted(flags)  # Arm's Features are all instruction-set extensions
+    return sorted(flags - _ARM_NON_CODE_FLAGS)
+
+
+def cpu_target_supported(target: str) -> str | None:
+    """Why `tsgpu compile --cpu-target TARGET` cannot build here (None if it can): the option exists
+    for GCC/Clang on Linux x86-64, and the package is validated by running it on the build host."""
+    if target == "native":
+        return None
+    if target not in CPU_TARGETS:
+        return f"unknown CPU target {target!r}: choose native or {', '.join(CPU_TARGETS)}"
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return f"--cpu-target {target} applies to Linux x86-64 hosts (this is {sys.platform} {platform.machine()})"
+    missing = sorted(set(CPU_TARGETS[target][0]) - (cpu_flags() or set()))
+    if missing:
+        return f"this host lacks {', '.join(missing)}, so it cannot run (and validate) {target} code"
+    return None
+
+
+def native_cpu_precision(precision: str) -> bool:
+    """Whether this CPU has matrix instructions for `precision` (AVX512-BF16 / AMX-BF16 for bf16,
+    AVX512-FP16 / AMX-FP16 for fp16); without them oneDNN emulates it, slower than fp32."""
+    needs = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}.get(precision)
+    return precision == "fp32" or bool(needs and needs & (cpu_flags() or set()))
 
 
 @dataclass(frozen=True)
@@ -157,9 +181,12 @@ def refusal(info: ArtifactInfo, device: torch.device, versions: dict[str, str | 
         have = cpu_flags()
         missing = sorted(set(built.get("capability") or []) - have) if have is not None else []
         if missing:
+            fix = "rebuild on this CPU"
+            if platform.machine() == "x86_64":
+                fix += " or with `tsgpu compile --cpu-target x86-64-v3`"
             return (f"built for {built.get('target', 'native')} on a CPU with instructions this CPU lacks "
-                    f"({', '.join(missing)}): its code would crash with an illegal instruction; rebuild with "
-                    "`tsgpu compile --cpu-target x86-64-v3` (or on this CPU), or pack an export artifact beside it")
+                    f"({', '.join(missing)}): its code would crash with an illegal instruction; {fix}, "
+                    "or pack an export artifact beside it")
     built_versions = meta.get("versions", {})
     needed = {"aoti": ("torch",), "tensorrt": ("torch", "torch_tensorrt", "tensorrt")}.get(backend, ())
     for lib in needed:
