@@ -360,7 +360,8 @@ def _one_backend(backend, model, original, source, sample, opts, device, dtype, 
         # The eager fallback serves the original module (surgery changes its structure, so its
         # state dict would not fit the code that rebuilds it).
         artifact, extra = _eager_artifact(original.to(device), source, opts, out_dir, stem)
-        validation = validate(original.to(device=device, dtype=dtype), original, opts, device, dtype)
+        # nn.Module.to works in place: cast a copy, or the reference itself would change dtype.
+        validation = validate(copy.deepcopy(original).to(device=device, dtype=dtype), original, opts, device, dtype)
         meta = _metadata(backend, artifact, opts, dev, versions, whash, [], validation, {"hit": False, "key": None})
         meta.update(extra)
         return _finish(artifact, meta)

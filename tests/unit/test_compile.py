@@ -89,6 +89,23 @@ def test_eager_backend_packs_the_model_code(tmp_path, weights):
     assert (tmp_path / "out" / "tiny_model.py").is_file()
 
 
+def test_eager_backend_at_reduced_precision_compiles_and_serves(tmp_path, weights):
+    """--backend eager --precision bf16: validated against the fp32 model (which must stay fp32),
+    and the handler runs the fp32 weights it packs in bf16, as the metadata says."""
+    from handlers.backbone import load_backbone
+    from handlers.config import ModelConfig
+
+    result = compile_model(opts(tmp_path, weights, backend="eager", precision="bf16"), log=quiet)
+    assert result.meta["validation"]["passed"] and result.meta["input"]["dtype"] == "bfloat16"
+    bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), torch.device("cpu"))
+    assert bb.format == "eager" and bb.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        out = bb(x.to(bb.dtype))
+        ref = models.make_model()(x)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max().item() < 0.08 * ref.abs().max().item()
+
+
 def test_tensorrt_without_cuda_fails_clearly(tmp_path, weights):
     with pytest.raises(CompileError, match="tensorrt: CompileError: TensorRT needs a CUDA device"):
         compile_model(opts(tmp_path, weights, backend="tensorrt"), log=quiet)
