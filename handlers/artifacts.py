@@ -94,13 +94,37 @@ def _cpuinfo_lines() -> list[str]:
         return []
 
 
+# torch's CPUID names -> /proc/cpuinfo names, for the extensions both know.
+_CPUID_TO_CPUINFO = {
+    "avx": "avx", "avx2": "avx2", "fma3": "fma", "fma4": "fma4", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
+    "lzcnt": "abm", "popcnt": "popcnt", "ssse3": "ssse3", "sse4_1": "sse4_1", "sse4_2": "sse4_2", "sse4a": "sse4a",
+    "aes": "aes", "sha": "sha_ni", "avx512_f": "avx512f", "avx512_bw": "avx512bw", "avx512_cd": "avx512cd",
+    "avx512_dq": "avx512dq", "avx512_vl": "avx512vl", "avx512_ifma": "avx512ifma", "avx512_vbmi": "avx512vbmi",
+    "avx512_vbmi2": "avx512_vbmi2", "avx512_vnni": "avx512_vnni", "avx512_bitalg": "avx512_bitalg",
+    "avx512_vpopcntdq": "avx512_vpopcntdq", "avx512_bf16": "avx512_bf16", "avx512_fp16": "avx512_fp16",
+    "avx512_vp2intersect": "avx512_vp2intersect", "avx_vnni": "avx_vnni", "avx_vnni_int8": "avx_vnni_int8",
+    "avx_ne_convert": "avx_ne_convert", "amx_tile": "amx_tile", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8",
+    "amx_fp16": "amx_fp16",
+}
+
+
 def cpu_flags() -> set[str] | None:
-    """This CPU's feature flags (x86 `flags`, Arm `Features`), or None where /proc/cpuinfo is absent."""
+    """This CPU's feature flags (x86 `flags`, Arm `Features`), or None where /proc/cpuinfo is absent.
+    Where torch's own CPUID probe says an extension is missing, it is dropped: what the process can
+    execute wins over what /proc/cpuinfo says (they differ under an emulator such as qemu-user)."""
+    flags = None
     for line in _cpuinfo_lines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
+            flags = set(value.split())
+            break
+    if flags is None:
+        return None
+    try:
+        caps = dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):  # a torch without the CPUID probe
+        caps = {}
+    return flags - {_CPUID_TO_CPUINFO[name] for name, have in caps.items() if name in _CPUID_TO_CPUINFO and have is False}
 
 
 def cpu_requirements(target: str = "native") -> list[str] | None:

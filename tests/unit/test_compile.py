@@ -243,6 +243,52 @@ def test_cpu_target_x86_64_v3_builds_avx2_code(tmp_path, weights):
         artifacts.cpu_flags = original
 
 
+_QEMU_RUN = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests import models
+from handlers.artifacts import ArtifactInfo, library_versions, refusal
+from pathlib import Path
+path = Path({path!r})
+print("capability", torch.backends.cpu.get_cpu_capability(), flush=True)
+print("refusal", refusal(ArtifactInfo.read(path), torch.device("cpu"), library_versions()), flush=True)
+package = torch._inductor.aoti_load_package(str(path))  # loaded even when refused: what would happen
+x = torch.randn(3, 3, 224, 224)
+with torch.inference_mode():
+    print("diff", (package(x) - models.make_model()(x)).abs().max().item(), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("qemu-x86_64"),
+                    reason="needs qemu-x86_64 (apt-get install qemu-user) to emulate a CPU without AVX-512")
+def test_packages_on_an_emulated_avx2_cpu(tmp_path, weights):
+    """On a CPU without AVX-512 (Haswell, emulated by qemu-user: its TCG has no AVX-512): the
+    x86-64-v3 package is accepted and serves correctly; a native package built on an AVX-512 host is
+    refused by the handler's check, and loading it anyway dies with an illegal instruction."""
+    import resource
+    import subprocess
+
+    def run(package):
+        return subprocess.run(
+            ["qemu-x86_64", "-cpu", "Haswell-v4", sys.executable, "-c", _QEMU_RUN.format(root=str(ROOT), path=str(package))],
+            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+
+    v3 = compile_model(opts(tmp_path, weights, backend="aoti", cpu_target="x86-64-v3", output=tmp_path / "v3"), log=quiet)
+    out = run(v3.artifact)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines["capability"] == "AVX2" and lines["refusal"] == "None" and float(lines["diff"]) < 1e-3
+    if "avx512f" not in (cpu_flags() or set()):
+        pytest.skip("this host has no AVX-512: its native package would run on Haswell too")
+    native = compile_model(opts(tmp_path, weights, backend="aoti", output=tmp_path / "native"), log=quiet)
+    out = run(native.artifact)
+    assert "illegal instruction" in out.stdout and "avx512f" in out.stdout  # the refusal names what is missing
+    assert out.returncode in (-4, 132), (out.returncode, out.stderr[-2000:])  # SIGILL
+    assert "diff" not in out.stdout
+
+
 @pytest.mark.parametrize("target, fragment", [("pentium", "unknown CPU target"), ("x86-64-v4", "unknown CPU target")])
 def test_bad_cpu_target(tmp_path, weights, target, fragment):
     with pytest.raises(CompileError, match=fragment):
