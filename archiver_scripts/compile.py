@@ -299,8 +299,7 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     if not 1 <= lo <= opt <= hi:
         raise CompileError(f"--batch {lo},{opt},{hi}: need 1 <= min <= opt <= max")
     if opts.cpu_target != "native":
-        problem = cpu_target_supported(opts.cpu_target) or (
-            None if device.type == "cpu" else f"--cpu-target {opts.cpu_target} applies to CPU builds")
+        problem = cpu_target_supported(opts.cpu_target) or (None if device.type == "cpu" else "applies to CPU builds")
         if problem:
             raise CompileError(f"--cpu-target {opts.cpu_target}: {problem}")
     dtype = DTYPES[opts.precision]

@@ -149,7 +149,7 @@ def cpu_target_supported(target: str) -> str | None:
     if target not in CPU_TARGETS:
         return f"unknown CPU target {target!r}: choose native or {', '.join(CPU_TARGETS)}"
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
-        return f"--cpu-target {target} applies to Linux x86-64 hosts (this is {sys.platform} {platform.machine()})"
+        return f"applies to Linux x86-64 hosts (this is {sys.platform} {platform.machine()})"
     missing = sorted(set(CPU_TARGETS[target][0]) - (cpu_flags() or set()))
     if missing:
         return f"this host lacks {', '.join(missing)}, so it cannot run (and validate) {target} code"
@@ -158,9 +158,11 @@ def cpu_target_supported(target: str) -> str | None:
 
 def native_cpu_precision(precision: str) -> bool:
     """Whether this CPU has matrix instructions for `precision` (AVX512-BF16 / AMX-BF16 for bf16,
-    AVX512-FP16 / AMX-FP16 for fp16); without them oneDNN emulates it, slower than fp32."""
+    AVX512-FP16 / AMX-FP16 for fp16); without them oneDNN emulates it, slower than fp32. True where
+    it cannot tell (no /proc/cpuinfo)."""
     needs = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}.get(precision)
-    return precision == "fp32" or bool(needs and needs & (cpu_flags() or set()))
+    flags = cpu_flags()
+    return precision == "fp32" or flags is None or bool(needs and needs & flags)
 
 
 @dataclass(frozen=True)
