@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=16, help="distinct 1080p JPEGs, sent round-robin")
     parser.add_argument("--quality", type=int, default=85)
     parser.add_argument("--cache-dir", type=Path, default=None, help="tsgpu compile's artifact cache")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the server and its workers (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants]
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               f"maxBatchDelay {BATCH_DELAY_MS} ms; {args.concurrency} clients, {args.warmup:.0f}+{args.duration:.0f} s "
               "per variant", flush=True)
         for name in names:
-            rows.append(measure(name, name, store, work, images, {}, args))
+            rows.append(measure(name, name, store, work, images, dict(e.split("=", 1) for e in args.env), args))
 
     base = rows[0]["qps"] or float("nan")
     print(f"\n# {time.strftime('%Y-%m-%d')}, ResNet-50 through torchserve on {cpu_model_name()} "
