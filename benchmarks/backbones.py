@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,9 +34,11 @@ from handlers.backbone import load_backbone  # noqa: E402
 from handlers.config import ModelConfig  # noqa: E402
 
 
-def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.device,
+                     faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Time every runner `repeat` times, one call each in turn, so that host noise (other work, clock
-    changes) falls on the baseline and the candidates alike instead of on whichever ran last."""
+    changes) falls on the baseline and the candidates alike instead of on whichever ran last.
+    With `faults`, also collect each call's minor page faults (the allocator's share of the time)."""
     out: dict[str, list[float]] = {label: [] for label in runners}
     with torch.inference_mode():
         for label, (fn, *_rest) in runners.items():
@@ -45,11 +48,14 @@ def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.dev
             for label, (fn, *_rest) in runners.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t0 = time.perf_counter()
                 fn(inputs[label])
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 out[label].append((time.perf_counter() - t0) * 1000)
+                if faults is not None:
+                    faults.setdefault(label, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return out
 
 
@@ -169,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print("conv ceiling (one 3x3 256-channel conv, best of 8): " + ", ".join(
             f"{str(d).replace('torch.', '')} {g:.0f} GFLOP/s" for d, g in ceiling.items()))
         print("| backend | batch | median ms | p90 ms | images/s | GFLOP/s | % of conv ceiling | vs eager fp32 "
-              "| paired ratio p10-p90 |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| paired ratio p10-p90 | page faults/call |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for n in args.batches:
             x32 = torch.randn(n, 3, 224, 224, device=device)
             inputs = {}
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 x = x32.to(dtype)
                 inputs[label] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             gflop = model_gflop(eager, x32)
-            times = time_interleaved(runners, inputs, args.repeat, device)
+            faults: dict[str, list[int]] = {}
+            times = time_interleaved(runners, inputs, args.repeat, device, faults)
             base = statistics.median(times["eager fp32"])
             for label, ts in times.items():
                 ms = statistics.median(ts)
@@ -190,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 spread = (f"{paired[len(paired) // 10]:.2f}-{paired[-1 - len(paired) // 10]:.2f}"
                           if len(paired) >= 10 else "-")
                 print(f"| {label} | {n} | {ms:.1f} | {p90:.1f} | {n * 1000 / ms:.1f} | {rate:.0f} | {share:.0f}% "
-                      f"| {base / ms:.2f}x | {spread} |", flush=True)
+                      f"| {base / ms:.2f}x | {spread} | {statistics.median(faults[label]):.0f} |", flush=True)
             need = gflop / (base / 1.5 / 1000)
             print(f"(batch {n}: 1.5x eager fp32 would need {need:.0f} GFLOP/s, "
                   f"{100 * need / ceiling[torch.float32]:.0f}% of the fp32 conv ceiling)")
