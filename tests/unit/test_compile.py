@@ -201,52 +201,6 @@ _RUN_PACKAGE = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from tests import models
-package = torch._inductor.aoti_load_package({path!r})
-x = torch.randn(3, 3, 224, 224)
-with torch.inference_mode():
-    diff = (package(x) - models.make_model()(x)).abs().max().item()
-print(torch.backends.cpu.get_cpu_capability(), diff)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("objdump"), reason="x86-64 with binutils only")
-def test_cpu_target_x86_64_v3_builds_avx2_code(tmp_path, weights):
-    """--cpu-target x86-64-v3: the package holds no AVX-512 instruction, records the AVX2 level,
-    is accepted by a host with exactly that level, and serves correctly with torch and oneDNN held
-    to AVX2. (What an AVX2-only CPU would do with the code is shown by the disassembly, not by
-    running it: this host's CPU would execute AVX-512 instructions without complaint.)"""
-    import subprocess
-
-    v3 = compile_model(opts(tmp_path, weights, backend="aoti", cpu_target="x86-64-v3", output=tmp_path / "v3"), log=quiet)
-    assert v3.meta["device"]["target"] == "x86-64-v3" and "avx2" in v3.meta["device"]["capability"]
-    assert "avx512f" not in v3.meta["device"]["capability"] and v3.meta["validation"]["passed"]
-    code = _disassembly(v3.artifact, tmp_path)
-    assert "%ymm" in code and not _AVX512_REGISTER.search(code)
-    if "avx512f" in (cpu_flags() or set()):  # on an AVX-512 host the default build does use it
-        native = compile_model(opts(tmp_path, weights, backend="aoti", output=tmp_path / "native"), log=quiet)
-        assert _AVX512_REGISTER.search(_disassembly(native.artifact, tmp_path))
-        assert native.meta["cache"]["key"] != v3.meta["cache"]["key"]
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    run = subprocess.run([sys.executable, "-c", _RUN_PACKAGE.format(root=str(ROOT), path=str(v3.artifact))],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    capability, diff = run.stdout.split()[-2:]
-    assert capability == "AVX2" and float(diff) < 1e-3
-    import handlers.artifacts as artifacts
-    avx2_host = set(v3.meta["device"]["capability"])
-    original = artifacts.cpu_flags
-    try:
-        artifacts.cpu_flags = lambda: avx2_host
-        assert refusal(ArtifactInfo.read(v3.artifact), torch.device("cpu"), library_versions()) is None
-    finally:
-        artifacts.cpu_flags = original
-
-
-_QEMU_RUN = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from tests import models
 from handlers.artifacts import ArtifactInfo, library_versions, refusal
 from pathlib import Path
 path = Path({path!r})
@@ -259,6 +213,50 @@ with torch.inference_mode():
 """
 
 
+def _run_package(package, tmp_path, prefix=(), env=None):
+    """Load and run `package` in a fresh process (under `prefix`, e.g. an emulator): its return code,
+    the `capability` / `refusal` / `diff` lines it printed, and its stdout and stderr."""
+    import resource
+    import subprocess
+
+    out = subprocess.run(
+        [*prefix, sys.executable, "-c", _RUN_PACKAGE.format(root=str(ROOT), path=str(package))],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    return out.returncode, lines, out.stdout, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("objdump"), reason="x86-64 with binutils only")
+def test_cpu_target_x86_64_v3_builds_avx2_code(tmp_path, weights):
+    """--cpu-target x86-64-v3: the package holds no AVX-512 instruction, records the AVX2 level,
+    is accepted by a host with exactly that level, and serves correctly with torch and oneDNN held
+    to AVX2. (What an AVX2-only CPU would do with the code is shown by the disassembly, not by
+    running it: this host's CPU would execute AVX-512 instructions without complaint.)"""
+    v3 = compile_model(opts(tmp_path, weights, backend="aoti", cpu_target="x86-64-v3", output=tmp_path / "v3"), log=quiet)
+    assert v3.meta["device"]["target"] == "x86-64-v3" and "avx2" in v3.meta["device"]["capability"]
+    assert "avx512f" not in v3.meta["device"]["capability"] and v3.meta["validation"]["passed"]
+    code = _disassembly(v3.artifact, tmp_path)
+    assert "%ymm" in code and not _AVX512_REGISTER.search(code)
+    if "avx512f" in (cpu_flags() or set()):  # on an AVX-512 host the default build does use it
+        native = compile_model(opts(tmp_path, weights, backend="aoti", output=tmp_path / "native"), log=quiet)
+        assert _AVX512_REGISTER.search(_disassembly(native.artifact, tmp_path))
+        assert native.meta["cache"]["key"] != v3.meta["cache"]["key"]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code, lines, _out, err = _run_package(v3.artifact, tmp_path, env=env)
+    assert code == 0, err[-2000:]
+    assert lines["capability"] == "AVX2" and float(lines["diff"]) < 1e-3
+    import handlers.artifacts as artifacts
+    avx2_host = set(v3.meta["device"]["capability"])
+    original = artifacts.cpu_flags
+    try:
+        artifacts.cpu_flags = lambda: avx2_host
+        assert refusal(ArtifactInfo.read(v3.artifact), torch.device("cpu"), library_versions()) is None
+    finally:
+        artifacts.cpu_flags = original
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("qemu-x86_64"),
                     reason="needs qemu-x86_64 (apt-get install qemu-user) to emulate a CPU without AVX-512")
@@ -266,27 +264,18 @@ def test_packages_on_an_emulated_avx2_cpu(tmp_path, weights):
     """On a CPU without AVX-512 (Haswell, emulated by qemu-user: its TCG has no AVX-512): the
     x86-64-v3 package is accepted and serves correctly; a native package built on an AVX-512 host is
     refused by the handler's check, and loading it anyway dies with an illegal instruction."""
-    import resource
-    import subprocess
-
-    def run(package):
-        return subprocess.run(
-            ["qemu-x86_64", "-cpu", "Haswell-v4", sys.executable, "-c", _QEMU_RUN.format(root=str(ROOT), path=str(package))],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
-
+    haswell = ("qemu-x86_64", "-cpu", "Haswell-v4")
     v3 = compile_model(opts(tmp_path, weights, backend="aoti", cpu_target="x86-64-v3", output=tmp_path / "v3"), log=quiet)
-    out = run(v3.artifact)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    code, lines, _out, err = _run_package(v3.artifact, tmp_path, haswell)
+    assert code == 0, err[-2000:]
     assert lines["capability"] == "AVX2" and lines["refusal"] == "None" and float(lines["diff"]) < 1e-3
     if "avx512f" not in (cpu_flags() or set()):
         pytest.skip("this host has no AVX-512: its native package would run on Haswell too")
     native = compile_model(opts(tmp_path, weights, backend="aoti", output=tmp_path / "native"), log=quiet)
-    out = run(native.artifact)
-    assert "illegal instruction" in out.stdout and "avx512f" in out.stdout  # the refusal names what is missing
-    assert out.returncode in (-4, 132), (out.returncode, out.stderr[-2000:])  # SIGILL
-    assert "diff" not in out.stdout
+    code, lines, out, err = _run_package(native.artifact, tmp_path, haswell)
+    assert "illegal instruction" in out and "avx512f" in out  # the refusal names what is missing
+    assert code in (-4, 132), (code, err[-2000:])  # SIGILL
+    assert "diff" not in lines
 
 
 @pytest.mark.parametrize("target, fragment", [("pentium", "unknown CPU target"), ("x86-64-v4", "unknown CPU target")])
