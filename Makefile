@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tsgpu-installed
 TEST_STAMP := $(VENV)/.tsgpu-test-installed
 
-.PHONY: demo test bench clean help
+.PHONY: demo test bench clean help prometheus-tools
 
 help:
 	@echo "make demo   - demo classifier end to end through a real torchserve"
@@ -33,7 +33,14 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tsgpu demo --model-store model_store
 
-test: $(TEST_STAMP)
+# promtool and a Prometheus server for tests/deploy: Debian's `prometheus` package, installed here when
+# running as root; otherwise stop and name the package.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }; \
+	  else echo "tests/deploy need promtool and prometheus: install the Debian package 'prometheus' (sudo apt-get install prometheus)"; exit 1; fi; }
+
+test: $(TEST_STAMP) prometheus-tools
 	TSGPU_REQUIRE_DALI=1 $(PY) -m pytest -q -rs tests
 
 bench: $(STAMP)

@@ -20,12 +20,15 @@ import yaml
 
 import handlers
 from handlers.artifacts import PORTABLE, ArtifactInfo, metadata_path
-from handlers.config import HandlerConfig, apply_overrides
+from handlers.config import HandlerConfig, apply_overrides, with_task_defaults
 from handlers.errors import ConfigError
 from handlers.labels import load_labels
 
 TASKS = {
     "image-classification": "handlers.image_classifier:ImageClassifier",
+    "object-detection": "handlers.tasks.detector:ObjectDetector",
+    "semantic-segmentation": "handlers.tasks.segmenter:SemanticSegmenter",
+    "image-embedding": "handlers.tasks.embedder:ImageEmbedder",
 }
 ENTRY_FILE = "tsgpu_entry.py"
 CONFIG_FILE = "model-config.yaml"
@@ -146,7 +149,7 @@ def build_archive(
             if not (path.parent / source).is_file():
                 raise ArchiveError(f"--model {path}: its .json names {source}, which is not beside it")
             class_files.append(path.parent / source)
-    section = apply_overrides(section, list(config))
+    section = with_task_defaults(apply_overrides(section, list(config)), task)
     HandlerConfig.from_mapping(section)  # fail the build, not the model load, on a bad key
     labels_path = Path(labels) if labels else None
     if labels_path is not None:

@@ -4,6 +4,8 @@
     tsgpu archive --name NAME --model FILE --export-path DIR [...]   build a .mar
     tsgpu serve [--model-store DIR] [--config config.properties]    run stock torchserve
     tsgpu demo                                                       the end-to-end demo
+    tsgpu kserve --model-store DIR --output DIR                      KServe storage layout + InferenceService
+    tsgpu autoscale --policy POLICY.yaml [--management URL] [...]  priority autoscaler beside torchserve
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 (default fp32)")
     p.add_argument("--batch", default="1,8,32", help="MIN,OPT,MAX batch sizes the artifact accepts (default 1,8,32)")
-    p.add_argument("--input-size", type=int, default=224, help="square input side (default 224)")
+    p.add_argument("--input-size", default="224", metavar="SIZE|H,W",
+                   help="model input: one side for a square (224) or HEIGHT,WIDTH (480,640) (default 224)")
     p.add_argument("--channels-last", action="store_true", help="compile for channels-last inputs")
     p.add_argument("--cpu-target", default="native", choices=["native", "x86-64-v3"],
                    help="aoti on CPU: native = this host's instructions (fastest; the package loads only on "
@@ -76,6 +79,13 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-store", default="model_store")
 
 
+def _autoscale_parser(sub: argparse._SubParsersAction) -> None:
+    from autoscaler.main import add_arguments
+
+    add_arguments(sub.add_parser("autoscale", help="scale each model's workers by priority (runs beside torchserve)",
+                                 description="Priority autoscaler for a stock TorchServe (docs/autoscaling.md)."))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tsgpu", description="TorchServe GPU handlers: archive, serve, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,16 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     _archive_parser(sub)
     _serve_parser(sub)
     _demo_parser(sub)
+    _autoscale_parser(sub)
+    _kserve_parser(sub)
     return parser
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    from .compile import CompileOptions, compile_model, parse_batch
+    from .compile import CompileOptions, compile_model, parse_batch, parse_input_size
 
     opts = CompileOptions(
         model=args.model, output=args.output, name=args.name, weights=args.weights, num_classes=args.num_classes,
         backend=args.backend, device=args.device, precision=args.precision, batch=parse_batch(args.batch),
-        input_size=args.input_size, channels_last=args.channels_last, hardware_compatible=args.hardware_compatible,
+        input_size=parse_input_size(args.input_size), channels_last=args.channels_last,
+        hardware_compatible=args.hardware_compatible,
         cpu_target=args.cpu_target,
         surgery=not args.no_surgery, cache_dir=args.cache_dir, use_cache=not args.no_cache, tolerance=args.tolerance,
     )
@@ -133,13 +146,45 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.model_store))
 
 
+def _kserve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kserve", help="write the storage layout KServe's TorchServe runtime reads, plus an InferenceService",
+                       description="config/config.properties + model-store/*.mar + inferenceservice.yaml (docs/deploy.md).")
+    p.add_argument("--model-store", required=True, help="directory with the .mar files")
+    p.add_argument("--output", required=True, help="directory to write (upload it; storageUri points at it)")
+    p.add_argument("--name", help="InferenceService name (default: the first model's)")
+    p.add_argument("--protocol", default="v1", choices=["v1", "v2"], help="KServe protocol / TorchServe envelope")
+    p.add_argument("--storage-uri", help="storageUri for the YAML (default: a placeholder to edit)")
+    p.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu per pod (0 for CPU; default 1)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --output")
+
+
+def _run_kserve(args: argparse.Namespace) -> int:
+    from .kserve import KServeError, write_layout
+
+    try:
+        path = write_layout(args.model_store, args.output, name=args.name, protocol=args.protocol,
+                            storage_uri=args.storage_uri, gpus=args.gpus, force=args.force)
+    except KServeError as exc:
+        print(f"tsgpu kserve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {args.output}/config/config.properties, {args.output}/model-store/, {path}")
+    return 0
+
+
+def _run_autoscale(args: argparse.Namespace) -> int:
+    from autoscaler.main import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .archive import ArchiveError
     from .compile import CompileError
     from .java import JavaNotFound
 
-    commands = {"compile": _run_compile, "archive": _run_archive, "serve": _run_serve, "demo": _run_demo}
+    commands = {"compile": _run_compile, "archive": _run_archive, "serve": _run_serve, "demo": _run_demo,
+                "autoscale": _run_autoscale, "kserve": _run_kserve}
     try:
         return commands[args.command](args)
     except (ArchiveError, ConfigError) as exc:

@@ -16,6 +16,7 @@ compile is a cache hit: the artifact is copied and re-validated, not rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -63,7 +64,8 @@ class CompileOptions:
     device: str = "cpu"
     precision: str = "fp32"
     batch: tuple[int, int, int] = (1, 8, 32)
-    input_size: int = 224
+    input_size: tuple[int, int] | int = (224, 224)
+    """(height, width) of the model input; one int means a square. Always (h, w) once constructed."""
     channels_last: bool = False
     hardware_compatible: bool = False
     cpu_target: str = "native"  # aoti on CPU: native (this host's instructions) or x86-64-v3
@@ -71,6 +73,20 @@ class CompileOptions:
     cache_dir: Path | None = None
     use_cache: bool = True
     tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        self.input_size = input_hw(self.input_size)
+
+
+def input_hw(size: tuple[int, int] | list[int] | int | str) -> tuple[int, int]:
+    """(height, width) from `224`, `(480, 640)` or the `--input-size` text `480,640`."""
+    if isinstance(size, str):
+        return parse_input_size(size)
+    sides = [size] * 2 if isinstance(size, int) else list(size)
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sides):
+        raise CompileError(f"--input-size {size!r}: expected a positive side (224) "
+                           "or (height, width) such as (480, 640)")
+    return sides[0], sides[1]
 
 
 @dataclass
@@ -151,29 +167,38 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
 
 
-def build_export(model, sample, opts, path: Path) -> Callable:
+def build_export(model, sample, opts, path: Path, device: torch.device) -> Callable:
     program = _export(model, sample, opts.batch)
     torch.export.save(program, str(path))
     return torch.export.load(str(path)).module()
 
 
-def build_aoti(model, sample, opts, path: Path) -> Callable:
+def build_aoti(model, sample, opts, path: Path, device: torch.device) -> Callable:
     program = _export(model, sample, opts.batch)
     # freezing: weights become constants, so Inductor folds BatchNorm and prepacks conv weights.
     configs: dict[str, Any] = {"freezing": True}
-    if not sample.is_cuda and opts.cpu_target != "native":
+    if device.type == "cpu" and opts.cpu_target != "native":
         # Inductor compiles with -march=native by default: name the level instead, and the vector
         # width its kernels use, so the package runs on every CPU of that level.
         if not hasattr(torch._inductor.config.cpp, "march"):
             raise CompileError(f"--cpu-target {opts.cpu_target}: this torch's Inductor has no cpp.march setting")
         configs.update({"cpp.march": opts.cpu_target, "cpp.simdlen": CPU_TARGETS[opts.cpu_target][1]})
     torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
-    return torch._inductor.aoti_load_package(str(path))
+    return load_aoti(path, device)
 
 
-def build_tensorrt(model, sample, opts, path: Path) -> Callable:
+def load_aoti(path: Path, device: torch.device) -> Callable:
+    """Load an AOTInductor package onto `device`: by default it loads onto the *current* CUDA
+    device, which is not cuda:N unless someone set it (`device_index` exists in torch 2.14)."""
+    load = torch._inductor.aoti_load_package
+    if device.type == "cuda" and "device_index" in inspect.signature(load).parameters:
+        return load(str(path), device_index=device.index)
+    return load(str(path))
+
+
+def build_tensorrt(model, sample, opts, path: Path, device: torch.device) -> Callable:
     # UNVERIFIED: no GPU with TensorRT was available when this was written (docs/gpu-verification.md).
-    if not sample.is_cuda:
+    if device.type != "cuda":
         raise CompileError("TensorRT needs a CUDA device (--device cuda)")
     try:
         import torch_tensorrt
@@ -186,17 +211,22 @@ def build_tensorrt(model, sample, opts, path: Path) -> Callable:
         dtype=sample.dtype,
     )]
     compiled = torch_tensorrt.dynamo.compile(
-        program, **trt_compile_kwargs(torch_tensorrt.dynamo.compile, inputs, sample.dtype, opts.hardware_compatible))
+        program, **trt_compile_kwargs(torch_tensorrt.dynamo.compile, inputs, sample.dtype, opts.hardware_compatible,
+                                      device))
     torch_tensorrt.save(compiled, str(path), **trt_save_kwargs(torch_tensorrt.save, sample, opts.batch))
     return torch.export.load(str(path)).module()
 
 
-def trt_compile_kwargs(compile_fn: Callable, inputs: list, dtype: torch.dtype, hardware_compatible: bool) -> dict[str, Any]:
+def trt_compile_kwargs(compile_fn: Callable, inputs: list, dtype: torch.dtype, hardware_compatible: bool,
+                       device: torch.device | None = None) -> dict[str, Any]:
     """Keyword arguments for this Torch-TensorRT's `dynamo.compile`, found from its signature:
     `arg_inputs` or (older) `inputs`; `enabled_precisions` where it still exists (2.14.0 has none:
-    the precision follows the model's dtype); `hardware_compatible` where it exists."""
+    the precision follows the model's dtype); `hardware_compatible` where it exists; `device` where
+    one is given (left out, it builds on `torch.cuda.current_device()`)."""
     params = inspect.signature(compile_fn).parameters
     kwargs: dict[str, Any] = {"arg_inputs" if "arg_inputs" in params else "inputs": inputs}
+    if device is not None and "device" in params:
+        kwargs["device"] = device
     if "enabled_precisions" in params:
         kwargs["enabled_precisions"] = {dtype}
     if "hardware_compatible" in params:
@@ -251,7 +281,7 @@ def validate(run: Callable, reference: nn.Module, opts: CompileOptions, device: 
     worst, scale = 0.0, 1.0
     with torch.inference_mode():
         for n in sizes:
-            x = torch.randn((n, 3, opts.input_size, opts.input_size), generator=generator).to(device)
+            x = torch.randn((n, 3, *opts.input_size), generator=generator).to(device)
             ref = _first_tensor(reference(x.float() if dtype != torch.float32 else x)).float()
             xin = x.to(dtype)
             if opts.channels_last:
@@ -270,7 +300,7 @@ def default_cache_dir() -> Path:
 def cache_key(whash: str, opts: CompileOptions, backend: str, device: dict, versions: dict) -> str:
     material = {
         "v": METADATA_VERSION, "weights": whash, "backend": backend, "precision": opts.precision,
-        "batch": list(opts.batch), "input_size": opts.input_size, "channels_last": opts.channels_last,
+        "batch": list(opts.batch), "input_size": list(opts.input_size), "channels_last": opts.channels_last,
         "surgery": opts.surgery, "hardware_compatible": opts.hardware_compatible, "cpu_target": opts.cpu_target,
         "device": device["type"], "capability": device["capability"], "versions": versions,
     }
@@ -288,11 +318,38 @@ def backend_order(backend: str, device: torch.device) -> list[str]:
     return list(BACKENDS) if device.type == "cuda" else ["aoti", "export", "eager"]
 
 
+def resolve_device(text: str) -> torch.device:
+    """`cpu`, `cuda` (the current device, made explicit) or `cuda:N`, checked against this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise CompileError(f"--device {text!r}: expected cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise CompileError(f"--device {text}: CUDA is not available on this machine")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise CompileError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make cuda:N the current device for the whole compile: Torch-TensorRT, Inductor and the CUDA
+    runtime fall back to the current device wherever a device is not passed explicitly."""
+    return torch.cuda.device(device.index) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> CompileResult:
     started = time.perf_counter()
-    device = torch.device(opts.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CompileError(f"--device {opts.device}: CUDA is not available on this machine")
+    device = resolve_device(opts.device)
+    with _on_device(device):
+        return _compile_on(device, opts, log, started)
+
+
+def _compile_on(device: torch.device, opts: CompileOptions, log: Callable[[str], None],
+                started: float) -> CompileResult:
     if opts.precision not in DTYPES:
         raise CompileError(f"--precision {opts.precision!r}: choose fp32, fp16 or bf16")
     lo, opt, hi = opts.batch
@@ -313,7 +370,7 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     whash = weight_hash(original)
     name = opts.name or _default_name(opts.model)
     original.to(device)  # in place: validation compares against it on the target device
-    sample = torch.randn((opt, 3, opts.input_size, opts.input_size), generator=torch.Generator().manual_seed(1)).to(device)
+    sample = torch.randn((opt, 3, *opts.input_size), generator=torch.Generator().manual_seed(1)).to(device)
 
     log("[2/4] surgery" + ("" if opts.surgery else " skipped (--no-surgery)"))
     if opts.surgery:
@@ -331,7 +388,10 @@ def compile_model(opts: CompileOptions, log: Callable[[str], None] = print) -> C
     opts.output.mkdir(parents=True, exist_ok=True)
     fallbacks: list[str] = []
     target = f", code for {dev['target']} CPUs" if dev["type"] == "cpu" else ""
-    log(f"[3/4] compiling: trying {' -> '.join(order)} for {dev['type']} ({opts.precision}, batch {lo}/{opt}/{hi}{target})")
+    where = f"{device} ({dev['name']})" if device.type == "cuda" else dev["type"]
+    h, w = opts.input_size
+    log(f"[3/4] compiling: trying {' -> '.join(order)} for {where} ({opts.precision}, batch {lo}/{opt}/{hi}, "
+        f"input {h}x{w}{target})")
     for backend in order:
         t0 = time.perf_counter()
         stem = f"{name}.{backend}-{dev['type']}"
@@ -373,12 +433,12 @@ def _one_backend(backend, model, original, source, sample, opts, device, dtype, 
     if hit:
         log(f"  cache hit {key} ({cache_root})")
         shutil.copyfile(cached, artifact)
-        run = _load_artifact(backend, artifact)
+        run = _load_artifact(backend, artifact, device)
     else:
         with tempfile.TemporaryDirectory(prefix="tsgpu-compile-") as tmp:
             built = Path(tmp) / f"artifact{suffix}"
             log(f"  building {backend} (this can take minutes) ...")
-            run = BUILDERS[backend](model, sample, opts, built)
+            run = BUILDERS[backend](model, sample, opts, built, device)
             validation = validate(run, original, opts, device, dtype)
             if not validation["passed"]:
                 raise CompileError(f"validation failed: max abs diff {validation['max_abs_diff']:.3g} > tolerance {validation['tolerance']:.3g}")
@@ -393,9 +453,9 @@ def _one_backend(backend, model, original, source, sample, opts, device, dtype, 
     return _finish(artifact, meta)
 
 
-def _load_artifact(backend: str, path: Path) -> Callable:
+def _load_artifact(backend: str, path: Path, device: torch.device) -> Callable:
     if backend == "aoti":
-        return torch._inductor.aoti_load_package(str(path))
+        return load_aoti(path, device)
     if backend == "tensorrt":
         import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops before loading)
     return torch.export.load(str(path)).module()
@@ -409,7 +469,7 @@ def _metadata(backend, artifact, opts, dev, versions, whash, reports, validation
         "artifact_format": ARTIFACT_FORMAT[backend],
         "precision": opts.precision,
         "input": {
-            "shape": [3, opts.input_size, opts.input_size],
+            "shape": [3, *opts.input_size],
             "dtype": str(DTYPES[opts.precision]).replace("torch.", ""),
             "batch": {"min": opts.batch[0], "opt": opts.batch[1], "max": opts.batch[2]},
             "channels_last": opts.channels_last,
@@ -434,6 +494,17 @@ def _finish(artifact: Path, meta: dict[str, Any]) -> CompileResult:
 def _default_name(spec: str) -> str:
     tail = spec.split(":", 1)[1] if spec.startswith("torchvision:") else Path(spec.partition(":")[0]).stem
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in tail)
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """`--input-size`: `224` (a square) or `480,640` (height,width) -> (height, width)."""
+    try:
+        sides = [int(p) for p in text.split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise CompileError(f"--input-size {text!r}: expected one positive side (224) or HEIGHT,WIDTH (480,640)")
+    return sides[0], sides[-1]
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:

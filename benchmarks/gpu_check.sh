@@ -31,6 +31,12 @@ for module in nvidia.dali cvcuda nvidia.nvimgcodec torch_tensorrt tensorrt ts sk
 done
 
 step tests-gpu $PY -m pytest -q -rs -s -m gpu tests/unit
+# The GPU halves of the issue-14 fixes and the geometry modes, named so a failure is easy to find.
+step tests-gpu-defects $PY -m pytest -q -rs -s \
+    tests/unit/test_gpu_path_defects.py::test_dali_copy_is_complete_before_the_next_run_on_gpu \
+    tests/unit/test_gpu_path_defects.py::test_cpu_upload_on_gpu_is_from_pinned_memory \
+    "tests/unit/test_geometry.py::test_accelerated_backends_meet_the_contract_in_every_mode" \
+    tests/unit/test_preprocess_backends.py::test_gpu_backend_runs_on_the_current_stream
 if [ "${1:-}" = quick ]; then
     step preprocess-cuda $PY benchmarks/preprocess.py --device cuda --sizes 1080p --batches 8 64 --seconds 1
     exit 0

@@ -182,16 +182,19 @@ def _select_artifact(model_dir: Path, model_file: str, cfg: ModelConfig, device:
     return info
 
 
-def warm_up(backbone: Backbone, batch_sizes: Sequence[int], crop_size: int, runs: int = 2) -> float:
+def warm_up(backbone: Backbone, batch_sizes: Sequence[int], input_size: int | tuple[int, int],
+            runs: int = 2) -> float:
     """Run the model on zeros at each batch size so no real request pays first-call costs.
 
-    TorchScript's profiling executor optimises a graph over its first runs, so each size runs
-    `runs` times. Returns the seconds spent.
+    `input_size` is the model input's (height, width), or one int for a square. TorchScript's
+    profiling executor optimises a graph over its first runs, so each size runs `runs` times.
+    Returns the seconds spent.
     """
+    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     started = time.perf_counter()
     with torch.inference_mode():
         for size in sorted(set(batch_sizes)):
-            x = torch.zeros((size, 3, crop_size, crop_size), dtype=backbone.dtype, device=backbone.device)
+            x = torch.zeros((size, 3, height, width), dtype=backbone.dtype, device=backbone.device)
             if backbone.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             for _ in range(runs):

@@ -16,6 +16,7 @@ import gc
 import io
 import json
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -25,12 +26,13 @@ from typing import Any
 import torch
 
 from .backbone import Backbone, load_backbone, warm_up
-from .config import HandlerConfig, load_handler_config
+from .config import HandlerConfig, load_handler_config, with_task_defaults
 from .errors import ConfigError, ModelLoadError, RequestError
 from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
 from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
+from .tables import TableStage, load_table_stage
 
 
 def _import_torchserve_base() -> type:
@@ -54,6 +56,8 @@ class VisionHandler(BaseHandler):
 
     #: Extra model-config keys a subclass understands, checked like the built-in ones.
     config_class: type[HandlerConfig] = HandlerConfig
+    #: The task whose defaults (config.TASK_DEFAULTS) lie under the archive's `handler:` section.
+    task: str = "image-classification"
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,12 +101,14 @@ class VisionHandler(BaseHandler):
             self.config.preprocess, self.device, channels_last=self.backbone.channels_last,
             max_batch=self.batch_size,
         )
+        self._check_input_size(spec)
         if spec.dtype != self.backbone.dtype:
             logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
             spec = dataclasses.replace(spec, dtype=self.backbone.dtype)
         decode_threads = self.config.preprocess.decode_threads or threads
         self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
         self.load_assets(self.model_dir)
+        self._table = load_table_stage(self.config.table, self.model_dir, self.device.type)
         self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
         if self.config.model.warmup:
             self._warm_up(spec)
@@ -119,7 +125,25 @@ class VisionHandler(BaseHandler):
             self.batch_size, Path(__file__).parent, time.perf_counter() - started,
         )
 
+    def _check_input_size(self, spec: PreprocessSpec) -> None:
+        """A compiled artifact records its input [3, H, W]: refuse a preprocess that makes another."""
+        info = self.backbone.info if self.backbone is not None else None
+        shape = (info.meta.get("input", {}).get("shape") if info is not None else None) or []
+        if len(shape) == 3 and tuple(shape[1:]) != tuple(spec.size):
+            h, w = shape[1:]
+            raise ModelLoadError(
+                f"{info.file} was compiled for {h}x{w} inputs (height x width) but the preprocess "
+                f"makes {spec.size[0]}x{spec.size[1]}: set handler.preprocess.input_size: [{h}, {w}] "
+                f"(or crop_size: {h} for a square center crop), or recompile with --input-size "
+                f"{spec.size[0]},{spec.size[1]}"
+            )
+
     def load_config(self, model_yaml_config: dict[str, Any]) -> HandlerConfig:
+        section = (model_yaml_config or {}).get("handler")
+        if isinstance(section, dict):
+            model_yaml_config = {**model_yaml_config, "handler": with_task_defaults(section, self.task)}
+        elif section is None:
+            model_yaml_config = {**(model_yaml_config or {}), "handler": with_task_defaults({}, self.task)}
         return load_handler_config(model_yaml_config, self.config_class)
 
     def load_assets(self, model_dir: Path) -> None:
@@ -144,7 +168,7 @@ class VisionHandler(BaseHandler):
             raise RuntimeError(f"warm-up: the preprocess backend failed on a valid JPEG: {probe.errors[0]}")
         with torch.inference_mode():
             self.postprocess(self.forward(probe.tensor), [probe.geometry[0]])
-        seconds = warm_up(self.backbone, [1, self.batch_size], spec.crop_size)
+        seconds = warm_up(self.backbone, [1, self.batch_size], spec.size)
         logger.info("warm-up over batch sizes %s took %.2fs", sorted({1, self.batch_size}), seconds)
 
     # -- the request sequence (do not override) --------------------------------------------------
@@ -189,7 +213,10 @@ class VisionHandler(BaseHandler):
                     else:
                         results[owners[r]] = result
 
-        responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
+        if _called_by_envelope():
+            responses = self._respond_enveloped(results, errors, context)
+        else:
+            responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
         self._report(context, timings, errors, started, fallbacks)
         self._trimmer.maybe_trim()
         self._heap_report.maybe_report()
@@ -228,6 +255,26 @@ class VisionHandler(BaseHandler):
         """Model outputs for the batch -> one JSON-serialisable result (or RequestError) per row."""
         raise NotImplementedError(f"{type(self).__name__} must implement postprocess(outputs, geometry)")
 
+    #: The result-table stage (handler.table, handlers/tables.py); None while it is off.
+    _table: TableStage | None = None
+
+    def apply_table(self, results: list[Any]) -> list[Any]:
+        """Run the table stage on a batch's results (tasks call it at the end of postprocess).
+
+        Returns `results` unchanged when handler.table is disabled; RequestError items pass through.
+        """
+        if self._table is None:
+            return results
+        return self._table.apply(results, self.postprocess_table)
+
+    def postprocess_table(self, df: Any) -> Any:
+        """Hook: the batch's rows after the rules file (pandas or cuDF DataFrame, pandas API) -> rows.
+
+        Columns: item (the result's position), class_id, label, score (+ x1, y1, x2, y2 for
+        detections). Keep `item`; added columns appear in each entry. Default: df unchanged.
+        """
+        return df
+
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
@@ -239,6 +286,20 @@ class VisionHandler(BaseHandler):
             body = result
         context.set_response_content_type(idx, JSON_CONTENT_TYPE)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+    @staticmethod
+    def _respond_enveloped(results: list[Any], errors: list[RequestError | None], context: Any) -> list[Any]:
+        """Under a TorchServe request envelope (service_envelope=kserve / kservev2) the items are the
+        instances of ONE request, and the envelope wraps the list we return into its one response
+        (`{"predictions": [...]}`) and serialises it. So: plain objects (no JSON text, which would be
+        encoded twice), errors kept per instance in their own `{"code", "type", "message"}` body, and
+        the request's HTTP status set only when every instance failed with the same code."""
+        bodies = [e.to_response() if e is not None else r for r, e in zip(results, errors)]
+        codes = {e.code for e in errors if e is not None}
+        if errors and all(e is not None for e in errors) and len(codes) == 1:
+            code = codes.pop()
+            context.set_response_status(code, HTTPStatus(code).phrase, 0)
+        return bodies
 
     def _report(
         self, context: Any, timings: dict[str, float], errors: list[RequestError | None], started: float,
@@ -259,6 +320,18 @@ class VisionHandler(BaseHandler):
             metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 3), None, "ms")
         except Exception:  # metrics must never fail a request
             logger.debug("metrics reporting failed", exc_info=True)
+
+
+def _called_by_envelope() -> bool:
+    """Whether `handle` was called by a TorchServe request envelope (BaseEnvelope.handle), which
+    TorchServe puts between the worker and the handler when `service_envelope` is set. Nothing in the
+    context says so, so the caller's frame is asked; two frames up is the envelope's handle."""
+    try:
+        from ts.torch_handler.request_envelope.base import BaseEnvelope
+    except ImportError:  # pragma: no cover - torchserve is a dependency
+        return False
+    frame = sys._getframe(2)
+    return isinstance(frame.f_locals.get("self"), BaseEnvelope)
 
 
 def _probe_jpeg() -> bytes:

@@ -29,6 +29,11 @@ PREPROCESS_BACKENDS = ("auto", "cpu", "torchvision", "dali", "cvcuda")
 MODEL_FORMATS = ("auto", "torchscript", "exported_program", "aoti", "eager")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 DTYPES = ("float32", "float16", "bfloat16")
+GEOMETRY_MODES = ("center_crop", "letterbox", "stretch")
+
+
+class ImageSize(tuple):
+    """A (height, width) size written in YAML as one int (square) or as [height, width]; () = unset."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,17 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Decode + resize shorter side + center crop + normalize, as torchvision's ImageNet eval."""
+    """Decode, map the image onto the model input (`geometry`), normalise.
+
+    The default is torchvision's ImageNet eval: resize the shorter side + center crop."""
 
     backend: str = "auto"
+    geometry: str = "center_crop"
+    """center_crop (resize_size then crop) | letterbox (fit, pad with pad_value) | stretch."""
+    input_size: ImageSize = ImageSize()
+    """Model input as one int (square) or [height, width]; unset = crop_size x crop_size."""
+    pad_value: int = 114
+    """letterbox: 0..255 value of the padding (Ultralytics uses 114), before normalisation."""
     resize_size: int = 256
     crop_size: int = 224
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -75,13 +88,18 @@ class PreprocessConfig:
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ConfigError(f"{path}.hw_decoder_load: must be within 0..1, got {self.hw_decoder_load}")
         _positive(self.gpu_cache_limit_mb, f"{path}.gpu_cache_limit_mb")
+        _choice(self.geometry, GEOMETRY_MODES, f"{path}.geometry")
         _positive(self.resize_size, f"{path}.resize_size")
         _positive(self.crop_size, f"{path}.crop_size")
-        if self.crop_size > self.resize_size:
-            raise ConfigError(
-                f"{path}.crop_size: {self.crop_size} is larger than resize_size "
-                f"{self.resize_size}; the crop must fit inside the resized image"
-            )
+        if not 0 <= self.pad_value <= 255:
+            raise ConfigError(f"{path}.pad_value: must be within 0..255, got {self.pad_value}")
+        if self.geometry == "center_crop":
+            key, largest = ("input_size", max(self.input_size)) if self.input_size else ("crop_size", self.crop_size)
+            if largest > self.resize_size:
+                raise ConfigError(
+                    f"{path}.{key}: {largest} is larger than resize_size "
+                    f"{self.resize_size}; the crop must fit inside the resized image"
+                )
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3:
@@ -97,6 +115,11 @@ class PreprocessConfig:
         if self.decode_threads < 0:
             raise ConfigError(f"{path}.decode_threads: must be >= 0, got {self.decode_threads}")
         _choice(self.dtype, DTYPES, f"{path}.dtype")
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The model input's (height, width)."""
+        return (self.input_size[0], self.input_size[1]) if self.input_size else (self.crop_size, self.crop_size)
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,87 @@ class ClassifierConfig:
         _positive(self.top_k, f"{path}.top_k")
 
 
+DETECTOR_FORMATS = ("auto", "yolo", "xyxy_score_class", "torchvision")
+MAP_INTERPOLATIONS = ("nearest", "bilinear")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """handlers/tasks/detector.py: decoding, thresholds and NMS of detection outputs."""
+
+    output_format: str = "auto"
+    """auto | yolo ([B, 4+C, N] cx,cy,w,h + class scores) | xyxy_score_class ([B, N, 6]) |
+    torchvision (list of dicts with boxes, labels, scores)."""
+    score_threshold: float = 0.25
+    class_thresholds: dict[str, float] = field(default_factory=dict)
+    """Per-class minimum score, keyed by class id or label; overrides score_threshold."""
+    iou_threshold: float = 0.45
+    class_agnostic: bool = False
+    """NMS across classes (one box per object whatever its class) instead of per class."""
+    nms: str = "auto"
+    """auto (only for yolo outputs, which have none) | always | never."""
+    max_detections: int = 100
+
+    def validate(self, path: str) -> None:
+        _choice(self.output_format, DETECTOR_FORMATS, f"{path}.output_format")
+        _choice(self.nms, ("auto", "always", "never"), f"{path}.nms")
+        _unit_interval(self.score_threshold, f"{path}.score_threshold")
+        _unit_interval(self.iou_threshold, f"{path}.iou_threshold")
+        for key, value in self.class_thresholds.items():
+            _unit_interval(value, f"{path}.class_thresholds.{key}")
+        _positive(self.max_detections, f"{path}.max_detections")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """handlers/tasks/segmenter.py: per-pixel classes mapped back to the original image."""
+
+    interpolation: str = "nearest"
+    """How logits reach original pixels: nearest (label map) | bilinear (on logits, then argmax)."""
+    min_area: int = 0
+    """Drop a class whose mask has fewer original pixels than this."""
+    output: str = "rle"
+    """rle (COCO compressed RLE per class) | png (a base64 PNG label map)."""
+
+    def validate(self, path: str) -> None:
+        _choice(self.interpolation, MAP_INTERPOLATIONS, f"{path}.interpolation")
+        _choice(self.output, ("rle", "png"), f"{path}.output")
+        if self.min_area < 0:
+            raise ConfigError(f"{path}.min_area: must be >= 0, got {self.min_area}")
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """handlers/tasks/embedder.py: pooled vectors for vector databases."""
+
+    normalize: bool = True
+    """L2-normalise each vector."""
+    dtype: str = "float32"
+    """float32 | float16."""
+    encoding: str = "list"
+    """list (a JSON list of numbers) | base64 (little-endian bytes)."""
+
+    def validate(self, path: str) -> None:
+        _choice(self.dtype, ("float32", "float16"), f"{path}.dtype")
+        _choice(self.encoding, ("list", "base64"), f"{path}.encoding")
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """handlers/tables.py: results as a DataFrame (cuDF on a GPU worker, pandas otherwise)."""
+
+    enabled: bool = False
+    rules: str = ""
+    """A rules CSV shipped in the archive (--extra-files rules.csv); "" = no rules."""
+    engine: str = "auto"
+    """auto (cudf on a GPU worker where installed, else pandas) | pandas | cudf."""
+    counts: bool = True
+    """Add `"counts": {label: n}` (after the rules and postprocess_table) to each response."""
+
+    def validate(self, path: str) -> None:
+        _choice(self.engine, ("auto", "pandas", "cudf"), f"{path}.engine")
+
+
 @dataclass(frozen=True)
 class HandlerConfig:
     """The whole `handler:` section of model-config.yaml."""
@@ -149,6 +253,10 @@ class HandlerConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    table: TableConfig = field(default_factory=TableConfig)
     url: UrlConfig = field(default_factory=UrlConfig)
 
     def validate(self, path: str) -> None:
@@ -164,6 +272,33 @@ class HandlerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+# Per-task defaults under the user's `handler:` section (tsgpu archive writes the merged section into
+# model-config.yaml). Detectors take the whole image letterboxed at 0..1 scale, as Ultralytics YOLO
+# and torchvision's detection models expect; segmenters keep ImageNet normalisation (torchvision's
+# segmentation models) but see the whole image too.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "image-classification": {},
+    "object-detection": {"preprocess": {"geometry": "letterbox", "input_size": 640,
+                                        "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}},
+    "semantic-segmentation": {"preprocess": {"geometry": "letterbox", "input_size": 520}},
+    "image-embedding": {},
+}
+
+
+def with_task_defaults(section: Mapping[str, Any] | None, task: str) -> dict[str, Any]:
+    """`section` over the defaults of `task` (nested keys merged; the user's values win)."""
+    return _merge(_deep_copy(TASK_DEFAULTS.get(task, {})), section or {})
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            base[key] = _merge(base[key], value)
+        else:
+            base[key] = _deep_copy(value) if isinstance(value, Mapping) else value
+    return base
 
 
 def load_handler_config(
@@ -229,6 +364,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, path)
+    if hint is ImageSize:
+        return _image_size(value, path)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -245,12 +382,38 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if typing.get_origin(hint) is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        # YAML reads `3: 0.5` with an int key: keys are kept as strings (ids and labels alike).
+        return {str(k): _coerce(value_hint, v, f"{path}.{k}") for k, v in value.items()}
     if typing.get_origin(hint) is tuple:
         (item_hint, _) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return tuple(_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value))
     raise TypeError(f"config field {path} has an unsupported type {hint!r}")  # our bug, not user's
+
+
+def _image_size(value: Any, path: str) -> ImageSize:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return ImageSize()  # unset: the crop size
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = (value, value)
+    elif (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        size = (value[0], value[1])
+    else:
+        raise ConfigError(f"{path}: expected an integer or [height, width], got {value!r}")
+    if min(size) <= 0:
+        raise ConfigError(f"{path}: sizes must be > 0, got {list(value) if isinstance(value, (list, tuple)) else value}")
+    return ImageSize(size)
+
+
+def _unit_interval(value: float, path: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{path}: must be within 0..1, got {value}")
 
 
 def _positive(value: int, path: str) -> None:

@@ -8,6 +8,10 @@ sorted by probability, `handler.classifier.top_k` entries (default 5; fewer if t
 classes). `label` is the index as a string when the archive has no label for it.
 `index_to_name.json` maps class index -> name, either `{"0": "tench"}` or the ImageNet form
 `{"0": ["n01440764", "tench"]}` (the last element is used).
+
+With `handler.table.enabled`, the top-k rows of the batch then pass through the table stage
+(handlers/tables.py, docs/tables.md): a rules CSV and the `postprocess_table(df)` hook may drop or
+rename predictions, and each response gains `"counts": {label: n}`.
 """
 
 from __future__ import annotations
@@ -51,4 +55,4 @@ class ImageClassifier(VisionHandler):
                     for p, i in zip(row_probs, row_indices)
                 ]
             })
-        return results
+        return self.apply_table(results)

@@ -6,8 +6,10 @@ Every backend module (`cpu`, `torchvision_gpu`, `dali`, `cvcuda`) exposes the sa
     availability(device) -> str | None     # None when usable, else why not (with an install hint)
     create(spec, threads) -> Preprocessor  # an object with run(items) -> Batch and close()
 
-and meets the same numerical contract against the CPU reference (torchvision's
-Resize(resize_size, antialias=True) -> CenterCrop(crop_size) -> ToTensor -> Normalize).
+and meets the same numerical contract against the CPU reference for each geometry mode
+(`geometry.py`): center_crop = torchvision's Resize(resize_size, antialias=True) ->
+CenterCrop(input) -> ToTensor -> Normalize; letterbox and stretch = Pillow's antialiased resize of
+the whole image to the planned size, pasted on a pad_value canvas for letterbox.
 `create_preprocessor(name, spec, threads)` picks one; `auto` takes the best available on the device.
 """
 
@@ -21,6 +23,10 @@ import torch
 
 from ..config import PreprocessConfig
 from ..errors import ConfigError, RequestError
+from .geometry import GEOMETRY_MODES, Geometry, plan
+
+__all__ = ["GEOMETRY_MODES", "Batch", "Geometry", "Normaliser", "PreprocessSpec", "Preprocessor",
+           "backend_module", "create_preprocessor", "resolve_backend"]
 
 # Best first: `auto` takes the first one available on the worker's device.
 _BACKEND_MODULES = {
@@ -44,6 +50,10 @@ class PreprocessSpec:
 
     resize_size: int = 256
     crop_size: int = 224
+    geometry: str = "center_crop"
+    input_size: tuple[int, int] | None = None
+    """Model input (height, width); None = crop_size x crop_size."""
+    pad_value: int = 114
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
@@ -66,6 +76,9 @@ class PreprocessSpec:
         return cls(
             resize_size=cfg.resize_size,
             crop_size=cfg.crop_size,
+            geometry=cfg.geometry,
+            input_size=cfg.input_hw,
+            pad_value=cfg.pad_value,
             mean=tuple(cfg.mean),
             std=tuple(cfg.std),
             interpolation=cfg.interpolation,
@@ -80,44 +93,15 @@ class PreprocessSpec:
             gpu_cache_limit_mb=cfg.gpu_cache_limit_mb,
         )
 
-
-@dataclass(frozen=True)
-class Geometry:
-    """How one item's output pixels map back to its original (EXIF-oriented) pixels.
-
-    The image of `original_size` was resized to `resized_size`, then `crop_box` (left, top, right,
-    bottom, in resized pixels) was cut out as the model input.
-    """
-
-    original_size: tuple[int, int]  # (width, height)
-    resized_size: tuple[int, int]
-    crop_box: tuple[int, int, int, int]
-    source_format: str = ""
-
     @property
-    def scale(self) -> tuple[float, float]:
-        """Resized pixels per original pixel, (x, y)."""
-        return (
-            self.resized_size[0] / self.original_size[0],
-            self.resized_size[1] / self.original_size[1],
-        )
+    def size(self) -> tuple[int, int]:
+        """The model input's (height, width)."""
+        return tuple(self.input_size) if self.input_size else (self.crop_size, self.crop_size)  # type: ignore[return-value]
 
-    def to_original(self, x: float, y: float) -> tuple[float, float]:
-        """Map a point in model-input pixels to original image pixels."""
-        sx, sy = self.scale
-        return ((x + self.crop_box[0]) / sx, (y + self.crop_box[1]) / sy)
-
-    def source_box(self, decoded_size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
-        """The crop box (left, top, right, bottom) in the pixels of the oriented image as decoded.
-
-        `decoded_size` is that image's (width, height), smaller than `original_size` after draft
-        decoding; default: full resolution. Resizing exactly this box to crop x crop gives the
-        pixels of torchvision's Resize + CenterCrop.
-        """
-        width, height = decoded_size or self.original_size
-        sx, sy = width / self.resized_size[0], height / self.resized_size[1]
-        box = self.crop_box
-        return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    def plan(self, width: int, height: int, fmt: str = "") -> Geometry:
+        """The geometry of an oriented (width, height) image under this spec's mode."""
+        h, w = self.size
+        return plan(self.geometry, width, height, (w, h), self.resize_size, fmt)
 
 
 class Normaliser:

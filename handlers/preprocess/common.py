@@ -40,13 +40,14 @@ class Plan:
 
     format: str
     mode: str
-    orientation: int
+    orientation: int | None
+    """EXIF orientation 1..8; None when the image has an EXIF block Pillow could not read."""
     geometry: Geometry
 
     @property
     def source_box(self) -> tuple[float, float, float, float]:
-        """The crop (left, top, right, bottom) in the full-resolution, EXIF-oriented image."""
-        return self.geometry.source_box()
+        """The region the model sees (left, top, right, bottom) in the full-resolution, EXIF-oriented image."""
+        return self.geometry.source
 
 
 def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
@@ -54,7 +55,7 @@ def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
     with open_image(data, spec) as image:
         fmt, mode, turn = image.format or "", image.mode, orientation(image)
         width, height = image.size
-    if turn >= 5:  # 90-degree turns swap the axes
+    if turn is not None and turn >= 5:  # 90-degree turns swap the axes
         width, height = height, width
     return Plan(format=fmt, mode=mode, orientation=turn, geometry=plan_geometry(width, height, fmt, spec))
 
@@ -80,6 +81,11 @@ class AcceleratedPreprocessor:
 
     def accepts(self, plan: Plan) -> bool:
         if plan.mode not in self.ACCEPTED.get(plan.format, ()):
+            return False
+        if plan.orientation is None:
+            # An EXIF block Pillow could not read: the geometry was planned upright, but a GPU
+            # decoder parses EXIF itself and might still rotate, putting the crop on the wrong
+            # axes. The CPU path uses the planned (upright) orientation, consistently.
             return False
         # GPU decoders apply EXIF orientation to JPEGs; for other formats the CPU path keeps it exact.
         return plan.orientation == 1 or plan.format in ("JPEG", "MPO")
@@ -158,8 +164,8 @@ class AcceleratedPreprocessor:
         memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         if len(parts) == 1:
             return parts[0][1].to(device=spec.device, dtype=spec.dtype, memory_format=memory_format)
-        crop = spec.crop_size
-        out = torch.empty((len(rows), 3, crop, crop), dtype=spec.dtype, device=spec.device)
+        height, width = spec.size
+        out = torch.empty((len(rows), 3, height, width), dtype=spec.dtype, device=spec.device)
         out = out.contiguous(memory_format=memory_format)
         position = {i: r for r, i in enumerate(rows)}
         for indices, tensor in parts:

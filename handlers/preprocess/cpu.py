@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,6 +28,7 @@ from PIL import Image
 
 from ..errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
 from . import Batch, Geometry, Normaliser, PreprocessSpec
+from .geometry import ceil_size, draft_scale
 
 NAME = "cpu"
 logger = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ _ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION_TAG = 0x0112
+# "Exif\0\0" + an 8-byte TIFF header + an empty IFD (2-byte count, 4-byte next offset).
+_EMPTY_EXIF_BYTES = 6 + 8 + 6
 
 
 def availability(device: torch.device) -> str | None:
@@ -66,29 +68,9 @@ def create(spec: PreprocessSpec, threads: int) -> CpuPreprocessor:
     return CpuPreprocessor(spec, threads)
 
 
-def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision's Resize(size) output for a (width, height) image: shorter side -> size."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def center_crop_box(width: int, height: int, crop: int) -> tuple[int, int, int, int]:
-    """torchvision's CenterCrop(crop) box (left, top, right, bottom) in a (width, height) image."""
-    left = int(round((width - crop) / 2.0))
-    top = int(round((height - crop) / 2.0))
-    return left, top, left + crop, top + crop
-
-
 def plan_geometry(width: int, height: int, fmt: str, spec: PreprocessSpec) -> Geometry:
-    """Resize + center crop of an oriented (width, height) image, as torchvision's reference does."""
-    resized_w, resized_h = resized_size(width, height, spec.resize_size)
-    return Geometry(
-        original_size=(width, height),
-        resized_size=(resized_w, resized_h),
-        crop_box=center_crop_box(resized_w, resized_h, spec.crop_size),
-        source_format=fmt,
-    )
+    """The geometry of an oriented (width, height) image under the spec's mode (see geometry.py)."""
+    return spec.plan(width, height, fmt)
 
 
 class CpuPreprocessor:
@@ -103,7 +85,7 @@ class CpuPreprocessor:
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
         self._resample = _RESAMPLE[spec.interpolation]
         self._normaliser = Normaliser(spec, spec.dtype)  # constants in the output dtype
-        self._buffer = torch.empty((0, spec.crop_size, spec.crop_size, 3), dtype=torch.uint8)
+        self._buffer = torch.empty((0, *spec.size, 3), dtype=torch.uint8)
         # On a GPU worker the host buffer is pinned and reused, so the upload is a real async DMA;
         # an event marks when the last upload has read it, before the next batch overwrites it.
         self._pinned = spec.device.type == "cuda"
@@ -142,24 +124,36 @@ class CpuPreprocessor:
             self._uploaded.synchronize()
             self._uploaded = None
         if self._buffer.shape[0] < n:
-            crop = self.spec.crop_size
-            # Reused across batches: the float tensor below is a new allocation, so the next
-            # batch may overwrite this one once its upload (if any) has completed.
-            self._buffer = torch.empty((n, crop, crop, 3), dtype=torch.uint8, pin_memory=self._pinned)
+            # Reused across batches: the tensor handed on is a new allocation, so the next batch
+            # may overwrite this one once its upload (if any) has completed.
+            self._buffer = torch.empty((n, *self.spec.size, 3), dtype=torch.uint8, pin_memory=self._pinned)
         return self._buffer
 
     def _normalise(self, buffer: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        contiguous_rows = rows[-1] == len(rows) - 1  # rows are sorted and unique
-        hwc = buffer[: len(rows)] if contiguous_rows else buffer[rows]
-        # NHWC uint8 viewed as NCHW is already channels-last; only copy when the model wants NCHW.
+        n = len(rows)
+        if rows[-1] != n - 1:  # rows are sorted and unique: gaps are failed items; close them
+            buffer[:n] = buffer[rows]
+        hwc = buffer[:n]  # contiguous NHWC uint8 (pinned on a GPU worker)
+        if self._pinned:
+            # Upload the pinned uint8 slice itself, then convert on the device: anything derived
+            # on the host first (a dtype cast, a layout copy, an index) would be a pageable
+            # temporary, turning the copy into a staged synchronous one that the event below would
+            # not even cover.
+            hwc = upload(hwc, self.spec.device)
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record(torch.cuda.current_stream(hwc.device))
+        # NHWC viewed as NCHW is already channels-last; only copy when the model wants NCHW.
         nchw = hwc.permute(0, 3, 1, 2)
         if not self.spec.channels_last:
             nchw = nchw.contiguous()
-        x = nchw.to(device=self.spec.device, dtype=self.spec.dtype, non_blocking=True)
-        if self._pinned:
-            self._uploaded = torch.cuda.Event()
-            self._uploaded.record(torch.cuda.current_stream(x.device))
+        x = nchw.to(device=self.spec.device, dtype=self.spec.dtype)
         return self._normaliser(x)
+
+
+def upload(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Asynchronous host-to-device copy of a pinned, contiguous tensor (a DMA the caller must not
+    overwrite before the current stream has passed it)."""
+    return pinned.to(device, non_blocking=True)
 
 
 def open_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
@@ -217,33 +211,63 @@ def decode_into(data: bytes, spec: PreprocessSpec, resample: int, out: np.ndarra
 def _decode_checked(
     image: Image.Image, fmt: str, spec: PreprocessSpec, resample: int, out: np.ndarray
 ) -> Geometry:
-    width, height = image.size  # stored orientation
-    size = spec.resize_size
+    stored = image.size  # full resolution, as stored (draft decoding makes image.size smaller)
     if spec.jpeg_draft and fmt in ("JPEG", "MPO"):
-        scale = size * spec.draft_min_ratio / min(width, height)
+        # A JPEG's EXIF is parsed at open, so the plan (and the draft scale) can precede decoding.
+        scale = draft_scale(_plan_oriented(image, stored, fmt, spec)[1], spec.draft_min_ratio)
         if scale < 0.5:  # libjpeg can reduce by 2, 4 or 8 at least; draft picks the largest that fits
-            image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+            image.draft(image.mode, ceil_size(*image.size, scale))
+    # Orientation after load: for other formats Pillow's getexif() may load the image itself and
+    # swallow a decoding error, which load() must report.
     image.load()
-    turn = orientation(image)
+    turn, geometry = _plan_oriented(image, stored, fmt, spec)
     if turn in _ORIENTATION:
         image = image.transpose(_ORIENTATION[turn])
-        if turn >= 5:  # 90-degree turns swap the axes
-            width, height = height, width
     image = _to_rgb(image)
 
-    geometry = plan_geometry(width, height, fmt, spec)
-    # The decoded image may be smaller than the original (draft): take the box in its pixels.
-    crop = image.resize((spec.crop_size, spec.crop_size), resample, box=geometry.source_box(image.size))
-    out[...] = np.asarray(crop)
+    # Resize only the region the model sees, straight to its size in the model input. The decoded
+    # image may be smaller than the original (draft): take the region in its pixels.
+    left, top, right, bottom = geometry.target
+    resized = image.resize((right - left, bottom - top), resample, box=geometry.source_in(image.size))
+    if geometry.target == (0, 0, *geometry.input_size):
+        out[...] = np.asarray(resized)
+    else:
+        out[...] = spec.pad_value
+        out[top:bottom, left:right] = np.asarray(resized)
     return geometry
 
 
-def orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1..8) of an opened image; 1 when absent or unreadable."""
+def _plan_oriented(
+    image: Image.Image, stored: tuple[int, int], fmt: str, spec: PreprocessSpec
+) -> tuple[int, Geometry]:
+    """The EXIF orientation (unreadable = as stored) and the geometry of the upright image of the
+    `stored` (width, height)."""
+    turn = orientation(image) or 1
+    width, height = stored if turn < 5 else stored[::-1]  # 90-degree turns swap the axes
+    return turn, plan_geometry(width, height, fmt, spec)
+
+
+def orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation (1..8) of an opened image: 1 when it has no EXIF block or no tag, None
+    when it has an EXIF block that Pillow cannot read or an orientation outside 1..8.
+
+    None matters to the GPU decoders, which parse EXIF themselves and may still find a rotation:
+    such items take the CPU path (common.py), where the image is used as stored (1)."""
+    raw = image.info.get("exif")
     try:
-        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+        exif = image.getexif()
+        turn = exif.get(_EXIF_ORIENTATION_TAG)
     except Exception:  # a broken EXIF block is no reason to refuse the picture
-        return 1
+        return None
+    if turn is None:
+        # Pillow answers an empty mapping for a block it could not parse: unreadable, unless the
+        # block really holds nothing beyond its TIFF header.
+        return None if raw and len(exif) == 0 and len(raw) > _EMPTY_EXIF_BYTES else 1
+    try:
+        turn = int(turn)
+    except (TypeError, ValueError):
+        return None
+    return turn if 1 <= turn <= 8 else None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

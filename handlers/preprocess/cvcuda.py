@@ -1,6 +1,7 @@
 """CV-CUDA backend: nvImageCodec batch decoding on the GPU, then one CV-CUDA HQ resize over the
-variable-size batch that reads each image's crop box (its region of interest) and writes the
-crop x crop float result straight into the output tensor, then normalisation in place.
+variable-size batch that reads each image's source region (its region of interest, geometry.py)
+and writes the float result straight into the output tensor (letterbox: into one tensor per item,
+then placed on the padded canvas), then normalisation in place.
 
 Everything is issued on the current torch stream of the worker's device (nvImageCodec's decode and
 CV-CUDA's operator both take it), so it is ordered with the model without host synchronisation.
@@ -78,21 +79,34 @@ class CvcudaPreprocessor(AcceleratedPreprocessor):
         failed = [k for k, image in enumerate(images) if image is None]
         if not ok:
             return None, failed
-        crop = self.spec.crop_size
-        out = torch.empty((len(ok), crop, crop, 3), dtype=torch.float32, device=self.spec.device)
+        height, width = self.spec.size
+        out = torch.empty((len(ok), height, width, 3), dtype=torch.float32, device=self.spec.device)
+        letterbox = self.spec.geometry == "letterbox"
+        if letterbox:
+            # Each item's content has its own size: resize into one dense tensor per item, then
+            # place it on the padded canvas (a strided sub-view is not handed to CV-CUDA).
+            out.fill_(float(self.spec.pad_value))
+            targets = [torch.empty((*plans[k].geometry.target_size[::-1], 3), dtype=torch.float32,
+                                   device=self.spec.device) for k in ok]
+        else:
+            targets = [out[r] for r in range(len(ok))]
         src = cvcuda.as_tensors([images[k] for k in ok], cvcuda.TensorLayout.HWC)
-        dst = cvcuda.as_tensors([out[r] for r in range(len(ok))], cvcuda.TensorLayout.HWC)
+        dst = cvcuda.as_tensors(targets, cvcuda.TensorLayout.HWC)
         rois = [_roi(plans[k]) for k in ok]
         cvcuda.hq_resize_into(
             dst, src, antialias=self._interp != cvcuda.Interp.NEAREST, roi=rois,
             interpolation=self._interp, stream=cvcuda.as_stream(stream),
         )
+        if letterbox:
+            for r, k in enumerate(ok):
+                left, top, right, bottom = plans[k].geometry.target
+                out[r, top:bottom, left:right] = targets[r]
         # NHWC storage viewed as NCHW is channels-last; the reference rounds to uint8 after resize.
         nchw = out.permute(0, 3, 1, 2).round_().clamp_(0, 255)
         return self.normalise(nchw), failed
 
 
 def _roi(plan: Plan) -> tuple[float, float, float, float]:
-    """The crop box as CV-CUDA's 2D ROI: (low_h, low_w, high_h, high_w) in source pixels."""
+    """The source region as CV-CUDA's 2D ROI: (low_h, low_w, high_h, high_w) in source pixels."""
     left, top, right, bottom = plan.source_box
     return (top, left, bottom, right)

@@ -6,13 +6,20 @@ stream ordered before the current torch stream by the DLPack exchange: no host r
 CPU device the same pipeline runs as a CPU pipeline (`device_id=None`), which is how CI tests it.
 
 The pipeline's batch size is TorchServe's batchSize (`spec.max_batch`; bigger inputs are split);
-`device_id` is the worker's GPU. Resize takes each item's crop box in original pixels as its region
-of interest and scales it straight to crop x crop, so no pixel outside the crop is computed (the
-same fused resize+crop as the CPU backend, here with the exact box rather than a draft-decoded one).
+`device_id` is the worker's GPU. Resize takes each item's source region in original pixels (geometry.py)
+as its region of interest and scales it straight to its size in the model input, so no pixel
+outside a center crop is computed (the same fused resize+crop as the CPU backend, here with the
+exact box rather than a draft-decoded one); letterbox then pads it to the input size with a slice
+whose start is minus the padding.
+
+Output lifetime: the pipeline uses DALI's legacy executor (exec_async=False,
+exec_pipelined=False), which releases and reuses its output buffers at the next run() and frees
+them at shutdown. The copy out of them is queued on torch's stream, so an event recorded after
+that copy is waited on before the next run and before any shutdown (rebuild, close).
 
 Fault isolation: Pillow checks every header first (common.py), so DALI only sees images that look
 valid. When DALI still fails a sample (a truncated JPEG), the pipeline is rebuilt (DALI invalidates
-a pipeline after an error); when the error names the sample, that one goes to the CPU path for its
+a pipeline after any error, RuntimeError or one of its typed ValueError/TypeError/IndexError); when the error names the sample, that one goes to the CPU path for its
 4xx and the rest run through DALI again, otherwise the batch is split in halves. After
 `MAX_REBUILDS` rebuilds in one batch, the items not yet done take the CPU path.
 
@@ -79,6 +86,7 @@ class DaliPreprocessor(AcceleratedPreprocessor):
             raise ImportError(reason)
         self.threads = max(1, threads)
         self.rebuilds = 0
+        self._copied: torch.cuda.Event | None = None  # the last copy out of DALI's buffers
         self._pipe = self._build()
 
     def accelerate(self, items: list[bytes], plans: list[Plan]) -> tuple[torch.Tensor | None, list[int]]:
@@ -118,8 +126,8 @@ class DaliPreprocessor(AcceleratedPreprocessor):
             try:
                 rows.append((live, self._run([items[k] for k in live], [plans[k] for k in live])))
                 continue
-            except RuntimeError as exc:
-                message = str(exc)
+            except Exception as exc:  # any DALI error invalidates the pipeline, not only RuntimeError
+                message = f"{type(exc).__name__}: {exc}"
             self._rebuild()
             budget -= 1
             named = _FAILED_SAMPLE.search(message)
@@ -147,6 +155,7 @@ class DaliPreprocessor(AcceleratedPreprocessor):
         buffers to the next full garbage collection (measured: RSS +27 MiB over 350 rebuilds;
         flat with a collection every 10).
         """
+        self._wait_for_copy()  # the old pipeline's buffers may still be read by the last copy
         old, self._pipe = self._pipe, self._build()
         self.rebuilds += 1
         shutdown = getattr(old, "_shutdown", None)  # what Pipeline.__del__ calls
@@ -159,24 +168,41 @@ class DaliPreprocessor(AcceleratedPreprocessor):
             gc.collect()
 
     def close(self) -> None:
+        self._wait_for_copy()
         shutdown = getattr(self._pipe, "_shutdown", None)
         if shutdown is not None:
             shutdown()
         super().close()
 
+    def _wait_for_copy(self) -> None:
+        """Block until the last copy out of DALI's output buffers has run (GPU only)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
     def _run(self, items: list[bytes], plans: list[Plan]) -> torch.Tensor:
         pipe = self._pipe
+        self._wait_for_copy()  # run() releases and reuses the buffers the last copy reads
         pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in items])
-        # ROI coordinates follow the HWC shape order: (y, x).
+        # ROI coordinates and sizes follow the HWC shape order: (y, x).
         pipe.feed_input("roi_start", [np.array(p.source_box[1::-1], dtype=np.float32) for p in plans])
         pipe.feed_input("roi_end", [np.array(p.source_box[3:1:-1], dtype=np.float32) for p in plans])
+        pipe.feed_input("size", [np.array(p.geometry.target_size[::-1], dtype=np.float32) for p in plans])
+        if self.spec.geometry == "letterbox":
+            # The slice starts at minus the padding: DALI fills what lies outside the image.
+            pipe.feed_input("anchor", [np.array([-p.geometry.target[1], -p.geometry.target[0]], dtype=np.int32)
+                                       for p in plans])
         (out,) = pipe.run()
         hwc = torch.from_dlpack(out.as_tensor())
         # DALI reuses its output buffer on the next run: copy out (on the device) now. NHWC viewed
         # as NCHW is channels-last already, which is what a channels-last model wants.
         nchw = hwc.permute(0, 3, 1, 2)
         layout = torch.channels_last if self.spec.channels_last else torch.contiguous_format
-        return nchw.to(device=self.spec.device, dtype=self.spec.dtype, memory_format=layout, copy=True)
+        rows = nchw.to(device=self.spec.device, dtype=self.spec.dtype, memory_format=layout, copy=True)
+        if rows.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(rows.device))
+        return rows
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -200,13 +226,20 @@ class DaliPreprocessor(AcceleratedPreprocessor):
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
             roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+            size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
             images = fn.decoders.image(
                 encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB, **decoder_args
             )
             images = fn.resize(
-                images, size=[spec.crop_size, spec.crop_size], roi_start=roi_start, roi_end=roi_end,
+                images, size=size, roi_start=roi_start, roi_end=roi_end,
                 roi_relative=False, interp_type=interp, antialias=interp != types.INTERP_NN,
             )
+            if spec.geometry == "letterbox":
+                anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
+                images = fn.slice(
+                    images, start=anchor, shape=list(spec.size), axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=spec.pad_value,
+                )
             return fn.crop_mirror_normalize(
                 images, dtype=dtype, output_layout="HWC",
                 mean=[m * 255.0 for m in spec.mean], std=[s * 255.0 for s in spec.std],

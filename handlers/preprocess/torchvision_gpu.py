@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import PreprocessSpec
 from .common import AcceleratedPreprocessor, Plan
+from .geometry import center_crop_box, resized_size
 
 NAME = "torchvision"
 
@@ -84,10 +85,12 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
         failed = [k for k, image in enumerate(decoded) if image is None]
         if not ok:
             return None, failed
-        crop = self.spec.crop_size
-        out = torch.empty((len(ok), 3, crop, crop), dtype=torch.float32, device=self.spec.device)
+        height, width = self.spec.size
+        out = torch.empty((len(ok), 3, height, width), dtype=torch.float32, device=self.spec.device)
+        if self.spec.geometry == "letterbox":
+            out.fill_(float(self.spec.pad_value))
         for row, k in enumerate(ok):
-            out[row] = self._resize_crop(orient(decoded[k], plans[k].orientation), plans[k])
+            self._resize_into(orient(decoded[k], plans[k].orientation or 1), plans[k], out[row])
         return self.normalise(out), failed
 
     def _decode(self, items: list[bytes]) -> list[torch.Tensor | None]:
@@ -95,6 +98,10 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
             # frombuffer warns that bytes are read-only; the decoder only reads them.
             warnings.simplefilter("ignore", UserWarning)
             encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in items]
+        # On CUDA, torchvision (decode_jpegs_cuda) decodes on a private stream and makes the current
+        # stream wait on it before returning: every op below, and the model after it, is queued
+        # behind the decode without a host synchronisation. The resize, normalise and forward rely
+        # on that ordering; keep all of them on the current stream.
         try:
             return list(self._decode_jpeg(encoded, mode=self._rgb, device=self.spec.device))
         except RuntimeError:
@@ -107,11 +114,22 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
                 decoded.append(None)
         return decoded
 
-    def _resize_crop(self, image: torch.Tensor, plan: Plan) -> torch.Tensor:
-        resized_w, resized_h = plan.geometry.resized_size
-        left, top, right, bottom = plan.geometry.crop_box
+    def _resize_into(self, image: torch.Tensor, plan: Plan, out: torch.Tensor) -> None:
+        """Resize `image` (CHW uint8) as the plan says and write it into `out` (CHW float 0..255)."""
+        geometry = plan.geometry
+        if geometry.mode == "center_crop":
+            # The reference resizes the whole image, then crops: do the same, pixel for pixel.
+            resized_w, resized_h = resized_size(*geometry.original_size, self.spec.resize_size)
+            left, top, right, bottom = center_crop_box(resized_w, resized_h, *geometry.input_size)
+            x = self._resize(image, resized_w, resized_h)
+            out.copy_(x[0, :, top:bottom, left:right])
+            return
+        left, top, right, bottom = geometry.target
+        out[:, top:bottom, left:right] = self._resize(image, right - left, bottom - top)[0]
+
+    def _resize(self, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
         x = image.unsqueeze(0).to(torch.float32)
-        x = F.interpolate(x, size=(resized_h, resized_w), mode=self._mode, antialias=self._antialias,
+        x = F.interpolate(x, size=(height, width), mode=self._mode, antialias=self._antialias,
                           **({} if self._mode.startswith("nearest") else {"align_corners": False}))
         # The reference resizes to uint8: round and clamp the same way, so both see the same pixels.
-        return x[0, :, top:bottom, left:right].round_().clamp_(0, 255)
+        return x.round_().clamp_(0, 255)

@@ -489,3 +489,247 @@ def test_tensorrt_keywords_exist_in_the_installed_library():
     assert set(trt_compile_kwargs(trt.dynamo.compile, ["spec"], torch.float16, False)) <= set(compile_params)
     saved = trt_save_kwargs(trt.save, torch.randn(1, 3, 8, 8), (1, 4, 16))
     assert set(saved) <= set(save_params)
+
+
+# --- compiling for cuda:N on a machine with several GPUs ------------------------------------------
+
+
+class FakeGPUs:
+    """Two GPUs as far as `tsgpu compile` can tell: the current-device state, capability and name
+    answer per device (cuda:0 is an A100, cuda:1 an H100), so work done on the wrong one shows in
+    what gets recorded. Tensors stay on the CPU: `.to(cuda:N)` records N and keeps them there."""
+
+    CAPABILITY = {0: (8, 0), 1: (9, 0)}
+
+    def __init__(self, monkeypatch) -> None:
+        self.current = 0
+        self.entered: list[int] = []  # indices made current with `torch.cuda.device`
+        self.moved_to: set[int] = set()  # indices tensors and modules were moved to
+        real_to = torch.Tensor.to
+
+        def to(tensor, *args, **kwargs):
+            args = tuple(self._cpu(a) for a in args)
+            if "device" in kwargs:
+                kwargs["device"] = self._cpu(kwargs["device"])
+            return real_to(tensor, *args, **kwargs)
+
+        fake = self
+
+        class device:  # torch.cuda.device: makes one device current inside a `with`
+            def __init__(self, which) -> None:
+                self.index, self.previous = fake.index(which), None
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, self.index
+                fake.entered.append(self.index)
+
+            def __exit__(self, *exc) -> None:
+                fake.current = self.previous
+
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.CAPABILITY))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: setattr(self, "current", self.index(d)))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: self.CAPABILITY[self.index(d)])
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"fake GPU {self.index(d)}")
+
+    def index(self, which) -> int:
+        """The device index `which` names; None or a bare `cuda` mean the current device."""
+        if which is None or isinstance(which, int):
+            return self.current if which in (None, -1) else which
+        which = torch.device(which)
+        return self.current if which.index is None else which.index
+
+    def _cpu(self, arg):
+        if isinstance(arg, (str, torch.device)):
+            try:
+                device = torch.device(arg)
+            except RuntimeError:
+                return arg
+            if device.type == "cuda":
+                self.moved_to.add(self.index(device))
+                return torch.device("cpu")
+        return arg
+
+
+def _fake_aoti(monkeypatch, gpus: FakeGPUs) -> list[dict]:
+    """AOTInductor's package and load calls, as an ExportedProgram on disk (torch 2.14 signatures)."""
+    calls: list[dict] = []
+
+    def compile_and_package(program, _a=None, _b=None, *, package_path=None, inductor_configs=None):
+        calls.append({"call": "package", "current": gpus.current})
+        torch.export.save(program, package_path)
+        return package_path
+
+    def load_package(path, run_single_threaded=False, device_index=-1):
+        calls.append({"call": "load", "device_index": device_index, "current": gpus.current})
+        return torch.export.load(str(path)).module()
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", load_package)
+    return calls
+
+
+def _fake_torch_tensorrt(monkeypatch, gpus: FakeGPUs) -> list[dict]:
+    """A torch_tensorrt module with 2.14.0's `dynamo.compile` / `save` signatures; the "engine" is the
+    ExportedProgram itself, so the saved artifact loads and validates for real on the CPU."""
+    import types
+
+    calls: list[dict] = []
+
+    def compile(exported_program, inputs=None, *, arg_inputs=None, kwarg_inputs=None, device=None,
+                hardware_compatible=False, **kwargs):
+        calls.append({"call": "compile", "device": device, "current": gpus.current})
+        return exported_program
+
+    def save(module, file_path="", *, output_format="exported_program", inputs=None, arg_inputs=None,
+             dynamic_shapes=None, **kwargs):
+        calls.append({"call": "save", "current": gpus.current})
+        torch.export.save(module, file_path)
+
+    fake = types.ModuleType("torch_tensorrt")
+    fake.Input = lambda **spec: spec
+    fake.dynamo = types.SimpleNamespace(compile=compile)
+    fake.save = save
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", fake)
+    return calls
+
+
+def test_aoti_for_cuda_1_builds_loads_and_records_cuda_1(tmp_path, weights, monkeypatch):
+    """`--device cuda:1` with cuda:0 current: the build runs with cuda:1 current, the package loads
+    with device_index=1 (built and on a cache hit), and the recorded capability is cuda:1's."""
+    gpus = FakeGPUs(monkeypatch)
+    calls = _fake_aoti(monkeypatch, gpus)
+    result = compile_model(opts(tmp_path, weights, backend="aoti", device="cuda:1"), log=quiet)
+    again = compile_model(opts(tmp_path, weights, backend="aoti", device="cuda:1", output=tmp_path / "again"),
+                          log=quiet)
+    assert again.meta["cache"]["hit"] is True
+    assert [c["call"] for c in calls] == ["package", "load", "load"]
+    assert all(c["current"] == 1 for c in calls), calls
+    assert [c["device_index"] for c in calls if c["call"] == "load"] == [1, 1]
+    assert result.meta["device"] == {"type": "cuda", "name": "fake GPU 1", "capability": [9, 0]}
+    assert gpus.entered == [1, 1] and gpus.current == 0  # restored after each compile
+    assert gpus.moved_to == {1}
+
+
+def test_tensorrt_for_cuda_1_builds_on_cuda_1(tmp_path, weights, monkeypatch):
+    gpus = FakeGPUs(monkeypatch)
+    calls = _fake_torch_tensorrt(monkeypatch, gpus)
+    result = compile_model(opts(tmp_path, weights, backend="tensorrt", device="cuda:1"), log=quiet)
+    assert result.meta["backend"] == "tensorrt" and result.meta["validation"]["passed"]
+    (built,) = [c for c in calls if c["call"] == "compile"]
+    assert built["device"] == torch.device("cuda", 1) and built["current"] == 1
+    assert all(c["current"] == 1 for c in calls)
+    assert result.meta["device"]["capability"] == [9, 0] and gpus.moved_to == {1}
+
+
+def test_bare_cuda_means_the_current_device_and_bad_indices_are_refused(tmp_path, weights, monkeypatch):
+    from archiver_scripts.compile import resolve_device
+
+    gpus = FakeGPUs(monkeypatch)
+    gpus.current = 1
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(CompileError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    with pytest.raises(CompileError, match="--device 'gpu': expected cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+
+
+def test_trt_compile_kwargs_pass_the_device_where_accepted():
+    from archiver_scripts.compile import trt_compile_kwargs
+
+    cuda1 = torch.device("cuda", 1)
+    assert trt_compile_kwargs(_trt214_compile, ["s"], torch.float32, False, cuda1)["device"] == cuda1
+    assert trt_compile_kwargs(_trt_old_compile, ["s"], torch.float32, False, cuda1)["device"] == cuda1
+
+    def no_device(exported_program, inputs=None, *, arg_inputs=None):
+        pass
+
+    assert "device" not in trt_compile_kwargs(no_device, ["s"], torch.float32, False, cuda1)
+
+
+# --- non-square inputs: --input-size H,W ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [("224", (224, 224)), ("480,640", (480, 640)), (" 96, 128", (96, 128))])
+def test_parse_input_size(text, expected):
+    from archiver_scripts.compile import parse_input_size
+
+    assert parse_input_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "a,b", "1,2,3", "", "-4", "480,0", "480x640"])
+def test_bad_input_size_names_the_flag(text, tmp_path, capsys):
+    from archiver_scripts.cli import main
+    from archiver_scripts.compile import parse_input_size
+
+    with pytest.raises(CompileError, match=re.escape(f"--input-size {text!r}: expected one positive side")):
+        parse_input_size(text)
+    code = main(["compile", "--model", MODEL, "--input-size", text, "--output", str(tmp_path / "out")])
+    assert code == 1 and f"--input-size {text!r}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_compile_options_normalise_input_size(tmp_path):
+    assert CompileOptions(model=MODEL, output=tmp_path).input_size == (224, 224)
+    assert CompileOptions(model=MODEL, output=tmp_path, input_size=160).input_size == (160, 160)  # older callers
+    assert CompileOptions(model=MODEL, output=tmp_path, input_size=[96, 128]).input_size == (96, 128)
+    for bad in (0, (96,), (96, 0), (96.0, 128), True):
+        with pytest.raises(CompileError, match="--input-size"):
+            CompileOptions(model=MODEL, output=tmp_path, input_size=bad)
+
+
+def test_non_square_export_from_the_cli_records_and_runs_h_w(tmp_path, weights):
+    """`tsgpu compile --input-size 96,128`: the artifact is validated at 96x128, records shape
+    [3, 96, 128], runs on a [1, 3, 96, 128] input, and warms up through the backbone at (96, 128)."""
+    from archiver_scripts.cli import main
+    from handlers.backbone import load_backbone, warm_up
+    from handlers.config import ModelConfig
+
+    out = tmp_path / "out"
+    code = main(["compile", "--model", MODEL, "--weights", str(weights), "--backend", "export", "--batch", "1,2,4",
+                 "--input-size", "96,128", "--name", "wide", "--output", str(out), "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    artifact = out / "wide.export-cpu.pt2"
+    meta = json.loads((out / "wide.export-cpu.pt2.json").read_text())
+    assert meta["input"]["shape"] == [3, 96, 128] and meta["validation"]["passed"]
+    x = torch.randn(1, 3, 96, 128)
+    with torch.inference_mode():
+        got = torch.export.load(str(artifact)).module()(x)
+        assert (got - models.make_model()(x)).abs().max().item() < 1e-3
+    backbone = load_backbone(out, artifact.name, ModelConfig(), torch.device("cpu"))
+    assert warm_up(backbone, [1, 4], (96, 128), runs=1) >= 0.0
+    # A handler whose preprocess makes another size refuses the artifact at load, naming the fix;
+    # with input_size set to the artifact's it serves.
+    (out / "index_to_name.json").write_text(json.dumps(models.LABELS))
+    with pytest.raises(ModelLoadError, match=r"compiled for 96x128 .* makes 224x224: set handler.preprocess.input_size: \[96, 128\]"):
+        ImageClassifier().initialize(FakeContext(out, serialized_file=artifact.name, handler_config={}))
+    context = FakeContext(out, serialized_file=artifact.name,
+                          handler_config={"preprocess": {"input_size": [96, 128], "resize_size": 128}})
+    handler = ImageClassifier()
+    handler.initialize(context)
+    photo = samples.encode(samples.photos()["chelsea"], "JPEG")
+    assert [r.status for r in run_handler(handler, context, [raw_request(photo)])] == [200]
+
+
+def test_cache_key_separates_input_sizes(tmp_path, weights):
+    device = device_info(torch.device("cpu"))
+    versions = library_versions()
+    keys = {cache_key("w", opts(tmp_path, weights, input_size=size), "aoti", device, versions)
+            for size in (224, (96, 128), (128, 96))}
+    assert len(keys) == 3
+    assert cache_key("w", opts(tmp_path, weights, input_size=224), "aoti", device, versions) == \
+        cache_key("w", opts(tmp_path, weights, input_size=(224, 224)), "aoti", device, versions)
+
+
+def test_warm_up_feeds_height_by_width():
+    from handlers.backbone import Backbone, warm_up
+
+    seen = []
+    backbone = Backbone(lambda x: seen.append(tuple(x.shape)), "eager", Path("m.pt"), torch.device("cpu"))
+    warm_up(backbone, [1, 2], (48, 64), runs=1)
+    warm_up(backbone, [1], 32, runs=1)  # one int: a square, as before
+    assert seen == [(1, 3, 48, 64), (2, 3, 48, 64), (1, 3, 32, 32)]

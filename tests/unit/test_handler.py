@@ -210,3 +210,25 @@ def test_failed_items_leave_no_reference_cycles_holding_the_batch(model_dir, jpe
         gc.garbage.clear()
         gc.enable()
     assert leaked == [], f"{len(leaked)} objects only the cyclic GC frees, e.g. {leaked[:5]}"
+
+
+def test_kserve_envelope_keeps_per_instance_results_and_errors(model_dir, jpegs):
+    """Under TorchServe's KServe v1 envelope one request carries N instances: the handler answers
+    objects (the envelope serialises them once) and keeps each instance's error in its own body."""
+    from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+
+    context = FakeContext(model_dir, serialized_file="model.pt", batch_size=4,
+                          handler_config={"classifier": {"top_k": 2}})
+    handler = ImageClassifier()
+    handler.initialize(context)
+    photo = jpegs["chelsea"]
+    rows = context.start_batch([json_request({"instances": [{"data": b64(photo)}, {"data": "bm90IGFuIGltYWdl"},
+                                                             {"data": b64(photo)}]})])
+    (response,) = KServeEnvelope(handler.handle).handle(rows, context)
+    good, bad, again = response["predictions"]
+    assert len(good["predictions"]) == 2 and good == again
+    assert bad == {"code": 415, "type": "unsupported_media_type", "message": bad["message"]}
+    assert context.get_response_status(0)[0] == 200
+    rows = context.start_batch([json_request({"instances": [{"data": "bm90IGFuIGltYWdl"}]})])
+    (response,) = KServeEnvelope(handler.handle).handle(rows, context)
+    assert response["predictions"][0]["code"] == 415 and context.get_response_status(0)[0] == 415

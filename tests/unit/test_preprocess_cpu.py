@@ -79,8 +79,9 @@ def test_output_layout_dtype_and_geometry(jpegs):
     assert x.is_contiguous(memory_format=torch.channels_last)
     g = batch.geometry[0]
     assert g.original_size == (1920, 1080)
-    assert g.resized_size == (412, 232)  # int(232 * 1920 / 1080)
-    assert g.crop_box == (106, 16, 306, 216)
+    # resized to (412, 232) = int(232 * 1920 / 1080), then the crop box (106, 16, 306, 216)
+    assert g.source == pytest.approx((106 * 1920 / 412, 16 * 1080 / 232, 306 * 1920 / 412, 216 * 1080 / 232))
+    assert g.target == (0, 0, 200, 200) and g.input_size == (200, 200) and g.mode == "center_crop"
     assert g.source_format == "JPEG"
     # model-input pixel (0, 0) is original pixel (106, 16) / (232/1080)
     x0, y0 = g.to_original(0, 0)

@@ -1,0 +1,72 @@
+"""`tsgpu autoscale`: the command line of the controller (argument parsing and process set-up)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
+DEFAULT_METRICS = "http://127.0.0.1:8082"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", required=True, type=Path, help="policy YAML (see docs/autoscaling.md)")
+    p.add_argument("--management", default=DEFAULT_MANAGEMENT, help=f"TorchServe management URL (default {DEFAULT_MANAGEMENT})")
+    p.add_argument("--metrics", default=DEFAULT_METRICS, help=f"TorchServe metrics URL (default {DEFAULT_METRICS})")
+    p.add_argument("--key-file", type=Path,
+                   help="TorchServe key_file.json (token authorization; default: ./key_file.json if present)")
+    p.add_argument("--dry-run", action="store_true", help="print decisions, change nothing")
+    p.add_argument("--listen", default="127.0.0.1:9465", metavar="HOST:PORT",
+                   help="serve the autoscaler's own Prometheus metrics here (default 127.0.0.1:9465; 'off' to disable)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the policy, then run the loop until SIGINT/SIGTERM. Raises PolicyError on a bad policy."""
+    from .controller import Controller
+    from .exporter import Registry, serve
+    from .policy import load_policy
+    from .torchserve import KeyFile, ManagementClient
+
+    policy = load_policy(args.policy)
+    logging.basicConfig(level=args.log_level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    key_file = args.key_file
+    if key_file is None and Path("key_file.json").is_file():
+        key_file = Path("key_file.json")
+    registry = Registry()
+    server = None
+    if args.listen != "off":
+        host, _, port = args.listen.rpartition(":")
+        server = serve(registry, host or "127.0.0.1", int(port))
+        logging.getLogger("tsgpu.autoscale").info("own metrics at http://%s:%s/metrics", host or "127.0.0.1", port)
+    controller = Controller(policy, ManagementClient(args.management, KeyFile(key_file)), args.metrics,
+                            dry_run=args.dry_run, registry=registry)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        controller.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tsgpu-autoscale", description="Priority autoscaler for a stock TorchServe.")
+    add_arguments(parser)
+    from .policy import PolicyError
+
+    try:
+        return run(parser.parse_args(argv))
+    except PolicyError as exc:
+        print(f"tsgpu autoscale: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Object detection: decode a detector's outputs, filter, NMS, and answer boxes in original pixels.
+
+Response body for each request (200):
+
+    {"detections": [{"class_id": 3, "label": "car", "score": 0.91, "box": [x1, y1, x2, y2]}, ...],
+     "image_size": [width, height]}
+
+Boxes are in pixels of the original image as the client sees it (EXIF orientation applied), clipped
+to it, rounded to 2 decimals; detections are sorted by score (6 decimals), at most
+`handler.detector.max_detections` per image. `label` comes from the archive's `index_to_name.json`
+(the class id as a string when absent).
+
+Model outputs (`handler.detector.output_format`; `auto` decides once, from the first output, at
+warm-up, and logs its choice):
+
+    yolo              [B, 4+C, N]: cx, cy, w, h in model-input pixels, then C class scores per
+                      candidate (Ultralytics' raw export); NMS runs here
+    xyxy_score_class  [B, N, 6]: x1, y1, x2, y2, score, class (models with NMS inside, e.g.
+                      Ultralytics end-to-end or `nms=True` exports); no NMS here unless nms: always
+    torchvision       list of B dicts with boxes [K, 4] (x1, y1, x2, y2), labels [K], scores [K]
+                      (eager torchvision detectors); no NMS here unless nms: always
+
+All post-processing runs on the model's device on the whole batch at once (the candidates of every
+image in one set, NMS groups keyed by image and class), and the batch's detections cross to the host
+in one transfer at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from ..base import VisionHandler
+from ..errors import ConfigError, ModelLoadError
+from ..labels import LABELS_FILE, load_labels
+from ..preprocess import Geometry
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("yolo", "xyxy_score_class", "torchvision")
+_OPTION = "handler.detector.output_format"
+_FORMS = (
+    "yolo [B, 4+C, N] (N > 4+C), xyxy_score_class [B, N, 6] or "
+    "torchvision list[dict(boxes, labels, scores)]"
+)
+# NMS groups are image * _CLASS_SPAN + class: distinct for every (image, class) pair of ids below it.
+_CLASS_SPAN = 1 << 24
+
+
+class Detection(NamedTuple):
+    """One detection on the host: class id, score and (x1, y1, x2, y2) in original pixels."""
+
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class DetectionParams:
+    """Post-processing settings (from `handler.detector`, class thresholds resolved to ids)."""
+
+    score_threshold: float = 0.25
+    class_thresholds: Mapping[int, float] = field(default_factory=dict)
+    iou_threshold: float = 0.45
+    class_agnostic: bool = False
+    nms: str = "auto"
+    """auto (NMS for yolo outputs only: the other forms come out of a model's own NMS) | always | never."""
+    max_detections: int = 100
+
+    def runs_nms(self, output_format: str) -> bool:
+        return self.nms == "always" or (self.nms == "auto" and output_format == "yolo")
+
+
+# -- recognising the model's output ----------------------------------------------------------------
+
+
+def unwrap_outputs(outputs: Any) -> Any:
+    """The detections part of what a model returned.
+
+    Ultralytics' eager models return (predictions, features) and scripted torchvision detectors
+    (losses, detections): keep the predictions.
+    """
+    if isinstance(outputs, (tuple, list)) and len(outputs) == 2 and isinstance(outputs[0], dict) \
+            and isinstance(outputs[1], list):
+        return outputs[1]
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    return outputs
+
+
+def describe(outputs: Any) -> str:
+    """A short description of a model output's type and shape, for error messages."""
+    if isinstance(outputs, torch.Tensor):
+        return f"a tensor of shape {list(outputs.shape)}"
+    if isinstance(outputs, (tuple, list)):
+        inner = ", ".join(describe(o) for o in outputs[:3]) + (", ..." if len(outputs) > 3 else "")
+        return f"a {type(outputs).__name__} of {len(outputs)} ({inner})"
+    if isinstance(outputs, dict):
+        return "a dict with " + ", ".join(f"{k}: {describe(v)}" for k, v in outputs.items())
+    return f"a {type(outputs).__name__}"
+
+
+def _is_torchvision(outputs: Any) -> bool:
+    return isinstance(outputs, (list, tuple)) and all(
+        isinstance(o, dict) and {"boxes", "labels", "scores"} <= set(o) for o in outputs
+    )
+
+
+def _could_be_yolo(outputs: Any) -> bool:
+    return isinstance(outputs, torch.Tensor) and outputs.dim() == 3 and 5 <= outputs.shape[1] < outputs.shape[2]
+
+
+def _could_be_xyxy(outputs: Any) -> bool:
+    return isinstance(outputs, torch.Tensor) and outputs.dim() == 3 and outputs.shape[2] == 6
+
+
+def detect_output_format(outputs: Any) -> str:
+    """Tell the output format from a (unwrapped) model output; raises ModelLoadError when the shape
+    fits none of them or fits two."""
+    if _is_torchvision(outputs) and len(outputs) > 0:
+        return "torchvision"
+    candidates = [name for name, fits in (("yolo", _could_be_yolo(outputs)),
+                                          ("xyxy_score_class", _could_be_xyxy(outputs))) if fits]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise ModelLoadError(
+            f"object detector: the model returned {describe(outputs)}, which reads as yolo "
+            f"[B, 4+C, N] and as xyxy_score_class [B, N, 6]; set {_OPTION} to yolo or xyxy_score_class"
+        )
+    raise ModelLoadError(
+        f"object detector: the model returned {describe(outputs)}, which is none of the output "
+        f"forms {_FORMS}; export the model in one of them and set {_OPTION} "
+        f"(auto | {' | '.join(OUTPUT_FORMATS)})"
+    )
+
+
+def check_output(outputs: Any, output_format: str, batch: int) -> None:
+    """Raise ModelLoadError, naming the shape and the option, unless `outputs` is `output_format`
+    for a batch of `batch` images."""
+    fits = {"yolo": _could_be_yolo, "xyxy_score_class": _could_be_xyxy, "torchvision": _is_torchvision}
+    if output_format not in fits:
+        raise ConfigError(f"{_OPTION}: {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    if not fits[output_format](outputs):
+        raise ModelLoadError(
+            f"object detector: {_OPTION} is {output_format} but the model returned {describe(outputs)}; "
+            f"expected {_FORMS}: set {_OPTION} to the form the model returns (or auto)"
+        )
+    if len(outputs) != batch:
+        raise ModelLoadError(
+            f"object detector: the model returned {describe(outputs)} for a batch of {batch} images; "
+            f"the first dimension must be the batch"
+        )
+
+
+# -- decoding: one (boxes, scores, classes) per image, boxes in model-input pixels ----------------
+
+
+def _decode(outputs: Any, output_format: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    if output_format == "yolo":
+        pred = outputs.float().transpose(1, 2)  # [B, N, 4+C]
+        cx, cy, w, h = pred[..., 0], pred[..., 1], pred[..., 2], pred[..., 3]
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        scores, classes = pred[..., 4:].max(dim=-1)  # the best class of each candidate, as Ultralytics
+        return list(zip(boxes, scores, classes))
+    if output_format == "xyxy_score_class":
+        pred = outputs.float()
+        return list(zip(pred[..., :4], pred[..., 4], pred[..., 5].round().long()))
+    return [(o["boxes"].float(), o["scores"].float(), o["labels"].long()) for o in outputs]
+
+
+@dataclass
+class _Candidates:
+    """Every image's candidates in one set, on the model's device."""
+
+    boxes: torch.Tensor    # [M, 4] original pixels, unclipped (for NMS)
+    clipped: torch.Tensor  # [M, 4] original pixels, clipped to the image (for the answer)
+    scores: torch.Tensor   # [M]
+    classes: torch.Tensor  # [M] int64
+    image: torch.Tensor    # [M] int64, row of the batch
+
+    def take(self, index: torch.Tensor) -> _Candidates:
+        return _Candidates(self.boxes[index], self.clipped[index], self.scores[index],
+                           self.classes[index], self.image[index])
+
+
+def _gather(decoded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], geometry: list[Geometry]) -> _Candidates:
+    # Mapping every candidate (a few thousand boxes, elementwise) costs less than splitting the
+    # survivors per image later, which would need their counts on the host.
+    boxes, clipped, scores, classes, image = [], [], [], [], []
+    for i, ((b, s, c), g) in enumerate(zip(decoded, geometry, strict=True)):
+        boxes.append(g.boxes_to_original(b, clip=False))
+        clipped.append(g.boxes_to_original(b, clip=True))
+        scores.append(s)
+        classes.append(c)
+        image.append(torch.full_like(c, i))
+    return _Candidates(torch.cat(boxes), torch.cat(clipped), torch.cat(scores), torch.cat(classes), torch.cat(image))
+
+
+def _thresholds(classes: torch.Tensor, params: DetectionParams) -> torch.Tensor:
+    """The minimum score of each candidate's class."""
+    thr = torch.full(classes.shape, params.score_threshold, dtype=torch.float32, device=classes.device)
+    for class_id, value in params.class_thresholds.items():
+        thr = torch.where(classes == class_id, value, thr)
+    return thr
+
+
+def _nms(c: _Candidates, params: DetectionParams) -> torch.Tensor:
+    """Indices kept by NMS within each image (and class unless class_agnostic), best score first."""
+    from torchvision.ops import batched_nms
+
+    groups = c.image if params.class_agnostic else c.image * _CLASS_SPAN + c.classes
+    # batched_nms separates groups by offsetting boxes by group * (largest coordinate + 1): in
+    # float64 those offsets leave the coordinates exact, in float32 they would round them off.
+    return batched_nms(c.boxes.double(), c.scores.double(), groups, params.iou_threshold)
+
+
+def _per_image_top(c: _Candidates, order: torch.Tensor, max_detections: int) -> torch.Tensor:
+    """`order` (best score first) regrouped by image, keeping at most `max_detections` per image."""
+    order = order[torch.argsort(c.image[order], stable=True)]  # by image, score order kept inside
+    image = c.image[order]
+    rank = torch.arange(len(order), device=order.device) - torch.searchsorted(image, image)
+    return order[rank < max_detections]
+
+
+def select(outputs: Any, geometry: list[Geometry], output_format: str, params: DetectionParams) -> torch.Tensor:
+    """The batch's detections as one [K, 7] float64 tensor on the model's device.
+
+    Columns: image row, class id, score, x1, y1, x2, y2 (original pixels, clipped); rows grouped by
+    image in batch order, best score first within each image.
+    """
+    c = _gather(_decode(outputs, output_format), geometry)
+    c = c.take(torch.nonzero(c.scores >= _thresholds(c.classes, params)).squeeze(1))
+    if params.runs_nms(output_format):
+        order = _nms(c, params)
+    else:
+        order = torch.argsort(c.scores, descending=True, stable=True)
+    c = c.take(_per_image_top(c, order, params.max_detections))
+    return torch.cat([
+        c.image[:, None].double(), c.classes[:, None].double(), c.scores[:, None].double(), c.clipped.double(),
+    ], dim=1)
+
+
+def detect(outputs: Any, geometry: list[Geometry], output_format: str, params: DetectionParams) -> list[list[Detection]]:
+    """Model outputs for a batch -> each image's detections on the host, best first.
+
+    `outputs` must already be in `output_format` (see `check_output`); `geometry[i]` maps image i's
+    model-input pixels to its original pixels.
+    """
+    rows = select(outputs, geometry, output_format, params).cpu().tolist()  # the one host transfer
+    per_image: list[list[Detection]] = [[] for _ in geometry]
+    for image, class_id, score, x1, y1, x2, y2 in rows:
+        per_image[int(image)].append(Detection(int(class_id), score, (x1, y1, x2, y2)))
+    return per_image
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+
+def resolve_class_thresholds(raw: Mapping[str, float], labels: Mapping[int, str]) -> dict[int, float]:
+    """`handler.detector.class_thresholds` keyed by class id: a key that is an integer is an id,
+    any other key a label of `index_to_name.json` (every class with that label). A class named both
+    by its id and by its label takes the id's value."""
+    by_label: dict[str, list[int]] = {}
+    for class_id, name in labels.items():
+        by_label.setdefault(name, []).append(class_id)
+    resolved: dict[int, float] = {}
+    by_id: dict[int, float] = {}
+    for key, value in raw.items():
+        text = str(key).strip()
+        if text.lstrip("-").isdigit():
+            by_id[int(text)] = value
+        elif text in by_label:
+            resolved.update({class_id: value for class_id in by_label[text]})
+        else:
+            known = ", ".join(sorted(by_label)[:10]) + (", ..." if len(by_label) > 10 else "")
+            where = f"labels in {LABELS_FILE}: {known}" if by_label else f"the archive has no {LABELS_FILE}"
+            raise ConfigError(
+                f"handler.detector.class_thresholds.{key}: not a class id and not a label ({where}); "
+                f"key it by class id, e.g. '3', or by one of the labels"
+            )
+    resolved.update(by_id)
+    return resolved
+
+
+# -- the handler -----------------------------------------------------------------------------------
+
+
+class ObjectDetector(VisionHandler):
+    """Boxes in original pixels from yolo, xyxy_score_class or torchvision detector outputs."""
+
+    task = "object-detection"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels: dict[int, str] = {}
+        self.params = DetectionParams()
+        self.output_format: str | None = None
+        """The resolved output form; None until `auto` has seen the first output."""
+
+    def load_assets(self, model_dir: Path) -> None:
+        self.labels = load_labels(model_dir / LABELS_FILE)
+        if not self.labels:
+            logger.warning("%s not found in the archive: labels will be class ids", LABELS_FILE)
+        cfg = self.config.detector
+        self.params = DetectionParams(
+            score_threshold=cfg.score_threshold,
+            class_thresholds=resolve_class_thresholds(cfg.class_thresholds, self.labels),
+            iou_threshold=cfg.iou_threshold,
+            class_agnostic=cfg.class_agnostic,
+            nms=cfg.nms,
+            max_detections=cfg.max_detections,
+        )
+        self.output_format = None if cfg.output_format == "auto" else cfg.output_format
+
+    def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
+        outputs = unwrap_outputs(outputs)
+        if self.output_format is None:
+            self.output_format = detect_output_format(outputs)
+            logger.info("%s auto: the model returns %s, read as %s (NMS here: %s)", _OPTION,
+                        describe(outputs), self.output_format, self.params.runs_nms(self.output_format))
+        check_output(outputs, self.output_format, len(geometry))
+        per_image = detect(outputs, geometry, self.output_format, self.params)
+        results: list[Any] = [self.result(dets, g) for dets, g in zip(per_image, geometry)]
+        # The optional result-table stage (handler.table: rules that filter or rename detections)
+        # runs on these dicts when the base class provides it.
+        apply_table = getattr(self, "apply_table", None)
+        if apply_table is not None:
+            results = apply_table(results)
+        return results
+
+    def result(self, detections: list[Detection], geometry: Geometry) -> dict[str, Any]:
+        """One image's response body."""
+        return {
+            "detections": [
+                {
+                    "class_id": d.class_id,
+                    "label": self.labels.get(d.class_id, str(d.class_id)),
+                    "score": round(d.score, 6),
+                    "box": [round(v, 2) for v in d.box],
+                }
+                for d in detections
+            ],
+            "image_size": list(geometry.original_size),
+        }

@@ -1,0 +1,228 @@
+"""`tsgpu autoscale` driving a real torchserve (token auth on) with two tenants on one CPU budget.
+
+One test, one story, so the server starts once: load on the high-priority model raises it to its
+max while the low-priority model gives workers back to the budget; after the load both are at their
+minimum; no request of the load is lost or answered 5xx; then TorchServe restarts (new keys), its
+management key expires, and a model is unregistered, with the controller logging and carrying on.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import archiver_scripts.server as server_module
+from archiver_scripts.archive import build_archive
+from archiver_scripts.samples import encode, mosaic
+from archiver_scripts.server import TorchServe, free_port
+from autoscaler.torchserve import KeyFile, ManagementClient, ModelNotFound, TorchServeError
+from tests import models
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+POLICY = """
+interval_s: 1
+budgets: {cpu: {workers: 4}}
+models:
+  hi: {priority: 10, min_workers: 1, max_workers: 3, target_queue_ms: 20,
+       upscale_delay_s: 1, downscale_delay_s: 3, look_back_s: 3}
+  lo: {priority: 1, min_workers: 1, max_workers: 3, target_queue_ms: 5000,
+       upscale_delay_s: 1, downscale_delay_s: 600, look_back_s: 3}
+  ghost: {min_workers: 0, max_workers: 1, target_queue_ms: 100}
+"""
+
+
+def start_with_token_auth(ts: TorchServe) -> None:
+    """TorchServe.start() passes --disable-token-auth; this test wants 0.12's default (auth on)."""
+    real = server_module.subprocess.Popen
+
+    def popen(cmd, *args, **kwargs):
+        return real([c for c in cmd if c != "--disable-token-auth"], *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server_module.subprocess, "Popen", popen)
+        ts.start()
+
+
+def make_server(store: Path, workdir: Path, ports=None, expiration_min: float = 60) -> TorchServe:
+    return TorchServe(store, models=["hi.mar", "lo.mar"], workdir=workdir, ports=ports,
+                      env={"OMP_NUM_THREADS": "1"},
+                      properties={"disable_token_authorization": "false", "token_expiration_min": str(expiration_min),
+                                  "enable_model_api": "true", "default_response_timeout": "60"})
+
+
+def wait_for(predicate, timeout: float, what: str, log=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (TorchServeError, OSError, KeyError):  # not up yet / not exported yet
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{log() if log else ''}")
+
+
+def workers(client: ManagementClient, name: str) -> tuple[int, int]:
+    info = client.describe(name)
+    return info.min_workers, info.ready
+
+
+class Load:
+    """`threads` clients POSTing to one model, `pause` s between requests; every outcome counted."""
+
+    def __init__(self, url: str, model: str, key: str, body: bytes, threads: int, pause: float = 0.0) -> None:
+        self.host, self.port = url.split("//")[1].split(":")
+        self.model, self.key, self.body, self.pause = model, key, body, pause
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.statuses: Counter = Counter()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self) -> None:
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=60)
+        headers = {"Content-Type": "application/octet-stream", "Authorization": f"Bearer {self.key}"}
+        while not self.stop.is_set():
+            with self.lock:
+                self.sent += 1
+            try:
+                conn.request("POST", f"/predictions/{self.model}", body=self.body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException) as exc:
+                status = f"transport error: {type(exc).__name__}"
+                conn.close()
+                conn = http.client.HTTPConnection(self.host, int(self.port), timeout=60)
+            with self.lock:
+                self.statuses[status] += 1
+            self.stop.wait(self.pause)
+        conn.close()
+
+    def finish(self) -> Counter:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+        return self.statuses
+
+
+def exported(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    build = tmp_path_factory.mktemp("as-build")
+    store = tmp_path_factory.mktemp("as-store")
+    script = models.save_torchscript(models.make_model(), build / "tiny.pt")
+    labels = models.write_labels(build)
+    quiet = lambda message: None  # noqa: E731
+    build_archive("hi", script, store, labels=labels, batch_size=1, max_batch_delay=1, workers=1, log=quiet)
+    build_archive("lo", script, store, labels=labels, batch_size=1, max_batch_delay=1, workers=2, log=quiet)
+    return store
+
+
+def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
+    workdir = tmp_path / "ts"
+    ts = make_server(store, workdir)
+    controller = None
+    ctl_log = tmp_path / "autoscale.log"
+    key_file = workdir / "key_file.json"
+    client = ManagementClient(ts.management_url, KeyFile(key_file))
+    try:
+        start_with_token_auth(ts)
+        wait_for(lambda: workers(client, "hi")[1] >= 1 and workers(client, "lo")[1] >= 2, 180,
+                 "hi (1 worker) and lo (2 workers) READY", ts.log_tail)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY)
+        port = free_port()
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "archiver_scripts.cli", "autoscale", "--policy", str(policy),
+             "--management", ts.management_url, "--metrics", ts.metrics_url, "--key-file", str(key_file),
+             "--listen", f"127.0.0.1:{port}"],
+            cwd=REPO, stdout=open(ctl_log, "w"), stderr=subprocess.STDOUT)
+        log = lambda: ctl_log.read_text() + "\n" + ts.log_tail(20)  # noqa: E731
+        wait_for(lambda: exported(port).get("tsgpu_autoscale_ticks_total", 0) >= 1, 30, "the first tick", log)
+
+        inference_key = json.loads(key_file.read_text())["inference"]["key"]
+        body = encode(mosaic(96, 96), "JPEG")
+        trickle = [Load(ts.inference_url, m, inference_key, body, threads=1, pause=0.25) for m in ("hi", "lo")]
+        heavy = Load(ts.inference_url, "hi", inference_key, body, threads=8)
+        # 1. load on hi: it rises to max (3) and lo gives one of its 2 workers back (budget 4)
+        wait_for(lambda: workers(client, "hi") == (3, 3) and workers(client, "lo")[0] == 1, 60,
+                 "hi at 3 READY workers and lo at 1", log)
+        heavy_statuses = heavy.finish()
+        # 2. load stops (the trickle goes on): hi steps back to its minimum through two scale-downs
+        wait_for(lambda: workers(client, "hi") == (1, 1), 40, "hi back at 1 worker", log)
+        trickle_statuses = [t.finish() for t in trickle]
+
+        for load, statuses in [(heavy, heavy_statuses), (trickle[0], trickle_statuses[0]),
+                               (trickle[1], trickle_statuses[1])]:
+            assert set(statuses) == {200}, f"{load.model}: {statuses}"  # no 5xx, no transport error
+            assert sum(statuses.values()) == load.sent, f"{load.model}: {load.sent} sent, {statuses} answered"
+        assert heavy_statuses[200] > 50
+        metrics = exported(port)
+        assert metrics['tsgpu_autoscale_decisions_total{model="lo",reason="preempted"}'] == 1
+        assert metrics['tsgpu_autoscale_decisions_total{model="hi",reason="scale_down"}'] == 2
+        assert metrics['tsgpu_autoscale_workers{model="hi"}'] == 1
+        assert workers(client, "lo") == (1, 1)
+        text = ctl_log.read_text()
+        assert "model 'ghost' is not registered" in text
+        assert "reason=scale_up" in text and "queue_ms=" in text  # one line per decision, with figures
+
+        # 3. TorchServe restarts on the same ports with new keys that expire after 6 s
+        ts.stop()
+        wait_for(lambda: exported(port)["tsgpu_autoscale_torchserve_up"] == 0, 20, "the controller to see it down", log)
+        old_key = json.loads(key_file.read_text())["management"]["key"] if key_file.is_file() else None
+        ts = make_server(store, workdir, ports=_ports(ts), expiration_min=0.1)
+        start_with_token_auth(ts)
+        # readiness as the controller reports it: this test must not renew the key itself
+        wait_for(lambda: exported(port).get('tsgpu_autoscale_ready_workers{model="lo"}', 0) >= 2, 180,
+                 "lo READY after the restart, seen by the controller", log)
+        first_key = json.loads(key_file.read_text())["management"]["key"]
+        assert first_key != old_key
+        restarted_at = exported(port)["tsgpu_autoscale_ticks_total"]
+        # the key expires 6 s after start; the controller renews it with the API key and keeps ticking
+        wait_for(lambda: json.loads(key_file.read_text())["management"]["key"] != first_key, 40,
+                 "the controller to renew the expired management key", log)
+        wait_for(lambda: exported(port)["tsgpu_autoscale_ticks_total"] >= restarted_at + 3
+                 and exported(port)["tsgpu_autoscale_torchserve_up"] == 1, 30, "ticks after the renewal", log)
+        # lo came back with 2 workers from its archive; budget and policy still hold it there (no flapping)
+        # 4. a model unregistered mid-run: logged, the controller carries on
+        client = ManagementClient(ts.management_url, KeyFile(key_file))
+        assert client._call("DELETE", "/models/lo", 60)[0] == 200
+        wait_for(lambda: "model 'lo' is not registered" in ctl_log.read_text(), 20, "the unregistered model logged", log)
+        ticks = exported(port)["tsgpu_autoscale_ticks_total"]
+        wait_for(lambda: exported(port)["tsgpu_autoscale_ticks_total"] >= ticks + 2, 20, "ticks after unregister", log)
+        assert controller.poll() is None, log()
+        assert "Traceback" not in ctl_log.read_text()
+    finally:
+        if controller is not None:
+            controller.terminate()
+            controller.wait(timeout=20)
+        ts.stop()
+
+
+def _ports(ts: TorchServe) -> tuple[int, int, int]:
+    return tuple(int(url.rsplit(":", 1)[1]) for url in (ts.inference_url, ts.management_url, ts.metrics_url))
