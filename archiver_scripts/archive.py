@@ -151,6 +151,7 @@ def build_archive(
             class_files.append(path.parent / source)
     section = with_task_defaults(apply_overrides(section, list(config)), task)
     HandlerConfig.from_mapping(section)  # fail the build, not the model load, on a bad key
+    _check_table_rules(section, list(extra_files))
     labels_path = Path(labels) if labels else None
     if labels_path is not None:
         _check_labels(labels_path)
@@ -188,6 +189,26 @@ def _split_target(value: str, flag: str, suffix: str = "") -> tuple[str, str]:
         form = "file.py:ClassName" if suffix else "module:ClassName"
         raise ArchiveError(f"{flag} {value!r}: expected {form}")
     return left, right
+
+
+def _check_table_rules(section: dict[str, Any], extra_files: list[str | Path]) -> None:
+    """handler.table.rules names a file that must ship with --extra-files and parse (checked as the
+    handler will at load), so a bad rules file fails the build rather than the model load."""
+    rules = (section.get("table") or {}).get("rules")
+    if not rules:
+        return
+    shipped = {Path(p).name: Path(p) for p in extra_files}
+    if rules not in shipped:
+        raise ArchiveError(
+            f"--config table.rules={rules}: ship the file with --extra-files {rules} "
+            f"(extra files given: {', '.join(shipped) or 'none'})"
+        )
+    from handlers.tables import load_rules
+
+    try:
+        load_rules(shipped[rules])
+    except (ConfigError, OSError) as exc:
+        raise ArchiveError(f"--extra-files {shipped[rules]}: {exc}") from None
 
 
 def _check_labels(path: Path) -> None:

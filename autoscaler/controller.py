@@ -1,9 +1,13 @@
 """The control loop: scrape, decide, apply, export; survives whatever TorchServe does meanwhile.
 
 Each tick reads the metrics address once and `GET /models/{name}` for each model of the policy,
-asks `decide.assess` / `decide.allocate` for targets, and applies them with decreases first (so a
-device budget is never exceeded, even between two calls), then increases by priority. What can go
-wrong is logged and retried with a backoff, never raised out of `run`:
+asks `decide.assess` / `decide.allocate` for targets, and applies them with decreases first and
+synchronously (the stopped workers are gone before any other model grows, so a device budget is
+never exceeded, even between two calls), then increases by priority and asynchronously: TorchServe
+answers at once and starts the workers in the background, the loop keeps ticking (a worker start
+of seconds never stalls the decisions of the other models), and the starting workers already count
+against the budget (TorchServe reports the count set, READY or not). What can go wrong is logged
+and retried with a backoff, never raised out of `run`:
 
 - TorchServe unreachable or restarting: the tick is skipped, retried after interval x 2^n (<= 30 s);
   counters that went backwards restart the model's window.
@@ -11,8 +15,9 @@ wrong is logged and retried with a backoff, never raised out of `run`:
   and retried like an unreachable server.
 - a model of the policy not registered (or unregistered mid-run): logged once, skipped until it
   comes back; the other models carry on.
-- a scale call that fails (a worker that cannot start): logged, that model backs off
-  (interval x 2^n, <= 5 min); TorchServe keeps retrying the worker itself.
+- a scale call that fails: logged, that model backs off (interval x 2^n, <= 5 min).
+- a worker that cannot start (still not READY after settle_timeout_s): logged once, no scale-up of
+  that model until its workers are READY; TorchServe keeps retrying the worker itself.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Controller:
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
         self.last_logged: dict[str, tuple[int, str]] = {}
+        self.stalled: set[str] = set()  # models whose workers did not become READY in time
         self.tick_failures = 0
 
     # -- the loop ------------------------------------------------------------------------------
@@ -139,9 +145,25 @@ class Controller:
         mp = self.policy.models[name]
         obs = Observation(workers=info.min_workers, ready=info.ready, batch_size=info.batch_size, memory_mb=cost)
         want = decide.assess(mp, obs, self.states[name], now)
+        self._note_stalled(name, info, now)
         if now < self.retry_at.get(name, -math.inf) and want.want > want.current:
             return Want(name, want.current, want.current, BACKOFF, want.load, want.ratio)
         return want
+
+    def _note_stalled(self, name: str, info: ModelInfo, now: float) -> None:
+        since = self.states[name].starting_since
+        timeout = self.policy.models[name].settle_timeout_s
+        stalled = info.ready < info.min_workers and since is not None and now - since >= timeout
+        if stalled and name not in self.stalled:
+            self.registry.inc("tsgpu_autoscale_errors_total", kind="start_timeout")
+            log.error("model %s: %d of %d workers READY after settle_timeout_s=%.0fs (a worker that cannot "
+                      "start? see TorchServe's model_log.log); no scale-up of this model until they are",
+                      name, info.ready, info.min_workers, timeout)
+        if stalled:
+            self.stalled.add(name)
+        elif name in self.stalled:
+            self.stalled.discard(name)
+            log.info("model %s: all %d workers READY again", name, info.min_workers)
 
     def _measured_costs(self, infos: Mapping[str, ModelInfo]) -> dict[str, float | None]:
         """MB per worker on each model's device: RSS for cpu budgets, NVML for cuda:N budgets."""
@@ -189,7 +211,8 @@ class Controller:
     def _scale(self, d: Decision) -> bool:
         started = self.clock()
         try:
-            message = self.management.scale(d.model, d.target)
+            # decreases wait (the budget is free before anything grows); increases do not
+            message = self.management.scale(d.model, d.target, wait=d.target < d.current)
         except ModelNotFound as exc:
             log.warning("%s (unregistered mid-run?); skipping it", exc)
             self.missing.add(d.model)

@@ -16,8 +16,11 @@ One tick of the controller, for every model of the policy:
      remaining worker < downscale_below x batchSize; to 0 workers: no arrivals at all). After
      `downscale_delay_s` of being under, step down by one (slow down).
    - between the two: hold, and both timers restart. After any change the window restarts, so the
-     samples taken with the old worker count never drive the next step, and nothing moves while
-     workers are still starting (`settling`, up to settle_timeout_s).
+     samples taken with the old worker count never drive the next step. While workers are starting
+     (READY < set) nothing moves (`settling`) and the window starts again when they are READY, so
+     the queue that built up during the start does not count as load on the new count. Workers
+     that are still not READY after `settle_timeout_s` (a worker that cannot start) block further
+     scale-ups of that model (`start_timeout`); it may still scale down.
 4. `allocate` fits the wants into each device's budget by priority: higher priority first, each model
    keeps at least min_workers, equal priorities share round-robin. A higher priority can take workers
    from a lower one down to its min_workers, never the reverse.
@@ -43,6 +46,7 @@ BUDGET_CAPPED = "budget_capped"  # wanted more; the budget (held by higher or eq
 COST_UNKNOWN = "cost_unknown"    # memory budget, but no declared or measured per-worker memory yet
 HOLD = "hold"
 SETTLING = "settling"
+START_TIMEOUT = "start_timeout"  # workers set but not READY after settle_timeout_s: no scale-up
 NO_DATA = "no_data"
 
 
@@ -89,12 +93,14 @@ class ModelState:
     over_since: float | None = None
     under_since: float | None = None
     last_change: float = -math.inf
+    window_start: float = -math.inf  # no sample before this counts (last change, or workers READY)
+    starting_since: float | None = None  # when READY < set was first seen (None: all READY)
 
     def observe(self, sample: Sample, look_back_s: float) -> None:
         if self.samples and _went_back(self.samples[-1], sample):
             self.samples.clear()  # counters reset: TorchServe restarted
         self.samples.append(sample)
-        start = max(sample.t - look_back_s, self.last_change)
+        start = max(sample.t - look_back_s, self.window_start)
         # keep one sample at or before the window start as the baseline for the deltas
         while len(self.samples) > 1 and self.samples[1].t <= start:
             self.samples.popleft()
@@ -102,6 +108,11 @@ class ModelState:
     def changed(self, now: float) -> None:
         """Workers were changed at `now`: start the window and the timers again."""
         self.last_change = now
+        self.restart_window(now)
+
+    def restart_window(self, now: float) -> None:
+        """Forget the samples before `now` (the one taken at `now` is the next baseline) and the timers."""
+        self.window_start = now
         self.over_since = self.under_since = None
         while self.samples and self.samples[0].t < now:
             self.samples.popleft()
@@ -165,10 +176,28 @@ def assess(mp: ModelPolicy, obs: Observation, state: ModelState, now: float) -> 
         return Want(mp.name, current, mp.max_workers, ABOVE_MAX)
     load = window_load(state.samples)
     if current == 0:
+        state.starting_since = None
         return _from_zero(mp, state, load)
-    if obs.ready < current and now - state.last_change < mp.settle_timeout_s:
-        state.over_since = state.under_since = None
-        return Want(mp.name, current, current, SETTLING, load)
+    if obs.ready < current:
+        state.starting_since = now if state.starting_since is None else state.starting_since
+        if now - state.starting_since < mp.settle_timeout_s:
+            # measure the new worker count from when it is READY, not the backlog of its start
+            state.restart_window(now)
+            return Want(mp.name, current, current, SETTLING, load)
+        want = _assess_load(mp, obs, state, now, load)
+        if want.want > current:  # more workers would not start either
+            state.over_since = None
+            return Want(mp.name, current, current, START_TIMEOUT, want.load, want.ratio)
+        return want
+    if state.starting_since is not None:  # all READY since this tick: measure from here
+        state.starting_since = None
+        state.restart_window(now)
+        load = window_load(state.samples)
+    return _assess_load(mp, obs, state, now, load)
+
+
+def _assess_load(mp: ModelPolicy, obs: Observation, state: ModelState, now: float, load: Load | None) -> Want:
+    current = obs.workers
     if load is None:
         state.over_since = state.under_since = None
         return Want(mp.name, current, current, NO_DATA)

@@ -5,14 +5,15 @@
   key); if the key in the file has expired, it is renewed once with the file's API key
   (`GET /token?type=management`), as TorchServe's docs tell a user to do.
 - `ManagementClient`: `GET /models/{name}` -> `ModelInfo`, and
-  `PUT /models/{name}?min_worker=N&max_worker=N&synchronous=true` (TorchServe only adds workers below
-  min and removes those above max, so min = max = N).
+  `PUT /models/{name}?min_worker=N&max_worker=N[&synchronous=true]` (TorchServe only adds workers
+  below min and removes those above max, so min = max = N).
 - `scrape_metrics`: `ts_*` counters per model from the metrics address (metrics_mode=prometheus).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+
+log = logging.getLogger("tsgpu.autoscale")
 
 
 class TorchServeError(RuntimeError):
@@ -169,14 +173,21 @@ class ManagementClient:
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise TorchServeError(f"GET /models/{name}: unexpected answer ({exc}): {body[:200]!r}") from None
 
-    def scale(self, name: str, workers: int) -> str:
-        """Set min = max = workers and wait for TorchServe to start or stop them."""
-        query = urllib.parse.urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "true"})
-        status, body = self._call("PUT", f"/models/{urllib.parse.quote(name)}?{query}", self.scale_timeout)
+    def scale(self, name: str, workers: int, wait: bool = True) -> str:
+        """Set min = max = workers. `wait`: until TorchServe has started or stopped them (synchronous=true);
+        else TorchServe answers 202 at once and starts the workers in the background."""
+        params: dict[str, object] = {"min_worker": workers, "max_worker": workers}
+        if wait:
+            params["synchronous"] = "true"
+        query = urllib.parse.urlencode(params)
+        status, body = self._call("PUT", f"/models/{urllib.parse.quote(name)}?{query}",
+                                  self.scale_timeout if wait else self.timeout)
         if status == 404:
             raise ModelNotFound(f"model {name!r} is not registered in TorchServe at {self.url}")
         if status == 206:
             return "scaling in progress"
+        if status == 202:
+            return "accepted, workers starting in the background"
         if status != 200:
             raise ScaleFailed(f"PUT /models/{name} to {workers} workers: HTTP {status}: {_message(body)}")
         return _message(body)
@@ -188,8 +199,11 @@ class ManagementClient:
         if not self.keys.enabled:
             self.keys.management_key()  # raises the "pass --key-file" AuthError
         changed = self.keys.reload()
-        if not changed and self.keys.expired():
+        if changed:
+            log.info("management key changed in %s: using the new one", self.keys.path)
+        elif self.keys.expired():
             self._renew()
+            log.info("management key in %s had expired: renewed it with the API key", self.keys.path)
         status, body = self._send(method, path, timeout)
         if status in (400, 401) and _is_auth_failure(body):
             raise AuthError(f"{method} {path}: TorchServe refused the management key from {self.keys.path} "

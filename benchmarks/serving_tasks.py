@@ -3,7 +3,8 @@
 
 - detection: torchvision `fasterrcnn_mobilenet_v3_large_320_fpn` (random weights, eager: torchvision
   detectors do not torch.export), photo mosaics of mixed sizes around 1080p (landscape, portrait,
-  4:3, 720p). Same score threshold (0.5, the stock handler's fixed value).
+  4:3, 720p), and again with every image 1920x1080 (the stock handler stacks unresized images, so
+  only a batch of equal sizes works there). Same score threshold (0.5, the stock handler's fixed value).
 - segmentation: torchvision `lraspp_mobilenet_v3_large` (random weights, eager), the same images.
   Ours runs twice: its task default (the whole image, letterboxed at 520, masks in original pixels
   as COCO RLE) and at the stock handler's geometry (center crop 224), which does the same model
@@ -25,6 +26,7 @@ import http.client
 import importlib.util
 import json
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -107,8 +109,10 @@ def response_sizes(server: TorchServe, model: str, images: list[bytes]) -> tuple
 
 
 def run_one(label: str, model: str, store: Path, work: Path, images: list[bytes], args) -> dict:
-    row = measure(label, model, store, work, images, ENV, args)
-    server = TorchServe(store, models=[f"{model}.mar"], workdir=work / f"{label}-bytes", env=ENV)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)  # a work dir name the JVM's arguments survive
+    row = measure(slug, model, store, work, images, ENV, args)
+    row["label"] = label
+    server = TorchServe(store, models=[f"{model}.mar"], workdir=work / f"{slug}-bytes", env=ENV)
     with server:
         server.wait_ready([model], timeout=300)
         mean_bytes, statuses = response_sizes(server, model, images)
@@ -118,15 +122,15 @@ def run_one(label: str, model: str, store: Path, work: Path, images: list[bytes]
     return row
 
 
-def detection(work: Path, store: Path, images: list[bytes], args) -> list[dict]:
+def detection(work: Path, store: Path, images: list[bytes], args, tag: str = "") -> list[dict]:
     source, weights, labels = write_model(work, "Detector", "detection.fasterrcnn_mobilenet_v3_large_320_fpn", 91)
     build_stock("stock_det", "object_detector", source, weights, labels, store)
     build_archive("ours_det", weights, store, task="object-detection", model_class=f"{source}:Detector",
                   labels=labels, batch_size=BATCH_SIZE, max_batch_delay=BATCH_DELAY_MS, workers=WORKERS,
                   config=["detector.output_format=torchvision", "detector.score_threshold=0.5"],
                   force=True, log=lambda m: None)
-    return [run_one("stock object_detector", "stock_det", store, work, images, args),
-            run_one("ours ObjectDetector", "ours_det", store, work, images, args)]
+    return [run_one(f"stock object_detector{tag}", "stock_det", store, work, images, args),
+            run_one(f"ours ObjectDetector{tag}", "ours_det", store, work, images, args)]
 
 
 def segmentation(work: Path, store: Path, images: list[bytes], args) -> list[dict]:
@@ -153,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
     parser.add_argument("--concurrency", type=int, default=16, help="client connections")
     parser.add_argument("--quality", type=int, default=85, help="JPEG quality of the test images")
-    parser.add_argument("--tasks", nargs="+", default=["detection", "segmentation"], choices=["detection", "segmentation"])
+    parser.add_argument("--tasks", nargs="+", default=["detection", "detection-1080p", "segmentation"],
+                        choices=["detection", "detection-1080p", "segmentation"],
+                        help="detection-1080p: every image 1920x1080, where the stock detector's batching works")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("captum") is None:
@@ -170,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         store.mkdir()
         if "detection" in args.tasks:
             results["detection"] = detection(work, store, images, args)
+        if "detection-1080p" in args.tasks:
+            same = [samples.encode(samples.mosaic(1920, 1080, offset=i), "JPEG", quality=args.quality)
+                    for i in range(len(SIZES))]
+            results["detection-1080p"] = detection(work, store, same, args, tag=" (all 1080p)")
         if "segmentation" in args.tasks:
             results["segmentation"] = segmentation(work, store, images, args)
 

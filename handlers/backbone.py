@@ -116,6 +116,7 @@ _DTYPE_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": tor
 
 def load_backbone(model_dir: Path, model_file: str, cfg: ModelConfig, device: torch.device) -> Backbone:
     """Load the configured artifact (or the best of `cfg.artifacts`) for `device`."""
+    _register_torchvision_ops()
     info = _select_artifact(model_dir, model_file, cfg, device)
     if info is not None:
         model_file = info.file
@@ -278,6 +279,16 @@ def _load_eager(path: Path, cfg: ModelConfig, device: torch.device, model_dir: P
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Backbone(model, "eager", path, device, _param_dtype(model), channels_last)
+
+
+def _register_torchvision_ops() -> None:
+    """TorchScript and exported programs may call torchvision's operators (torchvision::nms in a
+    detector exported with NMS inside, roi_align...), which exist only once torchvision.ops is
+    imported; importing it at load, not at module import, keeps imports free of side effects."""
+    try:
+        import torchvision.ops  # noqa: F401
+    except Exception as exc:  # torchvision is a dependency; a broken install should not hide the model's error
+        logger.debug("torchvision.ops not importable (%s): models that use its operators will not load", exc)
 
 
 def _param_dtype(module: Any) -> torch.dtype:

@@ -35,6 +35,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+# torchvision is a dependency of this library; importing its ops also registers torchvision::nms with
+# torch, which TorchScript models exported with NMS inside (Ultralytics `nms=True`) need to load.
+from torchvision.ops import batched_nms
+
 from ..base import VisionHandler
 from ..errors import ConfigError, ModelLoadError
 from ..labels import LABELS_FILE, load_labels
@@ -212,8 +216,6 @@ def _thresholds(classes: torch.Tensor, params: DetectionParams) -> torch.Tensor:
 
 def _nms(c: _Candidates, params: DetectionParams) -> torch.Tensor:
     """Indices kept by NMS within each image (and class unless class_agnostic), best score first."""
-    from torchvision.ops import batched_nms
-
     groups = c.image if params.class_agnostic else c.image * _CLASS_SPAN + c.classes
     # batched_nms separates groups by offsetting boxes by group * (largest coordinate + 1): in
     # float64 those offsets leave the coordinates exact, in float32 they would round them off.
@@ -235,7 +237,9 @@ def select(outputs: Any, geometry: list[Geometry], output_format: str, params: D
     image in batch order, best score first within each image.
     """
     c = _gather(_decode(outputs, output_format), geometry)
-    c = c.take(torch.nonzero(c.scores >= _thresholds(c.classes, params)).squeeze(1))
+    # A score of 0 is no detection (the padding rows of [B, N, 6] outputs), whatever the threshold.
+    keep = (c.scores >= _thresholds(c.classes, params)) & (c.scores > 0)
+    c = c.take(torch.nonzero(keep).squeeze(1))
     if params.runs_nms(output_format):
         order = _nms(c, params)
     else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -129,3 +129,26 @@ def test_cli_success_and_usage_errors(artifacts, tmp_path, capsys):
                  "--export-path", str(tmp_path)])
     assert code == 2
     assert "crop_size: 512 is larger than resize_size 256" in capsys.readouterr().err
+
+
+def test_table_rules_are_checked_at_build_time(artifacts, tmp_path):
+    rules = tmp_path / "rules.csv"
+    rules.write_text("label,min_score\nclass_1,0.5\n")
+    config = ["table.enabled=true", "table.rules=rules.csv"]
+    with pytest.raises(ArchiveError, match=r"ship the file with --extra-files rules.csv"):
+        build_archive("t1", artifacts["script"], tmp_path / "store", config=config, log=quiet)
+    rules.write_text("label,min_score\nclass_1,high\n")
+    with pytest.raises(ArchiveError, match=r"rules.csv line 2"):
+        build_archive("t2", artifacts["script"], tmp_path / "store", config=config, extra_files=[rules], log=quiet)
+    rules.write_text("label,min_score\nclass_1,0.5\n")
+    mar = build_archive("t3", artifacts["script"], tmp_path / "store", config=config, extra_files=[rules], log=quiet)
+    assert yaml.safe_load(read(mar, "model-config.yaml"))["handler"]["table"]["rules"] == "rules.csv"
+
+
+def test_task_defaults_are_written_into_the_archive(artifacts, tmp_path):
+    mar = build_archive("det", artifacts["script"], tmp_path / "store", task="object-detection",
+                        config=["preprocess.input_size=[480,640]"], log=quiet)
+    section = yaml.safe_load(read(mar, "model-config.yaml"))["handler"]
+    assert section["preprocess"]["geometry"] == "letterbox" and section["preprocess"]["input_size"] == [480, 640]
+    assert section["preprocess"]["mean"] == [0.0, 0.0, 0.0] and section["preprocess"]["std"] == [1.0, 1.0, 1.0]
+    assert "handlers.tasks.detector" in read(mar, "tsgpu_entry.py")

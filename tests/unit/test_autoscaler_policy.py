@@ -15,7 +15,7 @@ from autoscaler.decide import ModelState, Observation, Sample
 from autoscaler.exporter import Registry
 from autoscaler.policy import PolicyError, load_policy, parse_policy
 from autoscaler.torchserve import (
-    KeyFile, ManagementClient, ModelInfo, ModelNotFound, ScaleFailed, Unreachable, model_counters,
+    KeyFile, ManagementClient, ModelInfo, ModelNotFound, ScaleFailed, Unreachable, WorkerInfo, model_counters,
 )
 
 ISSUE_POLICY = """
@@ -173,7 +173,7 @@ def test_scale_down_one_step_per_delay():
 
 def test_hysteresis_band_holds_and_noise_does_not_flap():
     sim = Sim(policy(a=model()), {"a": 2})
-    sim.run(30, {"a": (10, 70, 0.7)})  # 0.7 x target: neither over nor under
+    sim.run(30, {"a": (10, 70, 0.1)})  # 0.7 x target, workers idle: inside the band, neither over nor under
     assert sim.workers["a"] == 2
     history = []
     for i in range(30):  # crosses the target every second: the upscale timer never completes
@@ -210,6 +210,37 @@ def test_settling_workers_hold_decisions():
     state.observe(Sample(1, 10, 10_000_000, 0, 0), 3)
     want = decide.assess(pol.models["a"], Observation(workers=3, ready=1), state, 1)
     assert want.reason == decide.SETTLING and want.want == 3
+
+
+def test_the_backlog_of_a_worker_start_does_not_drive_the_next_step():
+    pol = policy(a=model(upscale_delay_s=0, target_queue_ms=100, settle_timeout_s=30))
+    mp, state = pol.models["a"], ModelState()
+    state.changed(0)  # 1 -> 2 workers set at t=0
+    queue_us = 0.0
+    for t in range(1, 6):  # the new worker takes 5 s to start: 1 s of queue per request meanwhile
+        queue_us += 10 * 1e6
+        state.observe(Sample(t, 10 * t, queue_us, 0, 0), mp.look_back_s)
+        assert decide.assess(mp, Observation(workers=2, ready=1), state, t).reason == decide.SETTLING
+    queue_us += 10 * 1e6  # the last of the backlog drains in the first second with 2 READY workers
+    state.observe(Sample(6, 60, queue_us, 0, 0), mp.look_back_s)
+    want = decide.assess(mp, Observation(workers=2, ready=2), state, 6)
+    assert want.reason == decide.NO_DATA  # only the READY sample is in the window: the start is not load
+    state.observe(Sample(7, 70, queue_us + 10 * 20_000, 0, 0), mp.look_back_s)  # then 20 ms queue
+    want = decide.assess(mp, Observation(workers=2, ready=2), state, 7)
+    assert (want.reason, want.want) == (decide.HOLD, 2) and want.load.queue_ms == pytest.approx(20)
+
+
+def test_workers_that_never_start_block_scale_ups_after_the_settle_timeout():
+    pol = policy(a=model(upscale_delay_s=0, settle_timeout_s=3, max_workers=5))
+    mp, state = pol.models["a"], ModelState()
+    wants = []
+    for t in range(1, 8):
+        state.observe(Sample(t, 10 * t, 10 * t * 1e6, 0, 0), mp.look_back_s)  # 1 s queue: far over target
+        wants.append(decide.assess(mp, Observation(workers=2, ready=1), state, t))
+    assert [w.reason for w in wants[:3]] == [decide.SETTLING] * 3
+    assert {w.reason for w in wants[3:]} == {decide.START_TIMEOUT} and {w.want for w in wants} == {2}
+    state.observe(Sample(8, 80, 80e6, 0, 0), mp.look_back_s)
+    assert decide.assess(mp, Observation(workers=2, ready=2), state, 8).reason == decide.NO_DATA  # READY again
 
 
 def test_budget_binds_higher_priority_preempts_lower_never_the_reverse():
@@ -358,24 +389,36 @@ def test_management_key_is_reread_on_rotation_and_renewed_when_expired(tmp_path)
 
 
 class FakeManagement:
+    """Workers set by `scale` are READY after `start_ticks` describes of their model (never: `broken`)."""
+
     url = "fake://"
 
-    def __init__(self, workers: dict[str, int], fail: set[str] = frozenset()) -> None:
+    def __init__(self, workers: dict[str, int], fail: set[str] = frozenset(), start_ticks: int = 0,
+                 broken: set[str] = frozenset()) -> None:
         self.workers, self.fail, self.calls, self.unreachable = dict(workers), set(fail), [], False
+        self.ready = dict(workers)
+        self.start_ticks, self.broken, self.starting = start_ticks, set(broken), {}
 
     def describe(self, name):
         if self.unreachable:
             raise Unreachable("down")
         if name not in self.workers:
             raise ModelNotFound(f"model {name!r} is not registered")
-        n = self.workers[name]
-        return ModelInfo(name, n, n, 1, 0, tuple())  # no READY workers listed: settle via timeout
+        left = self.starting.get(name, 0)
+        if left <= 0 and name not in self.broken:
+            self.ready[name] = self.workers[name]
+        self.starting[name] = left - 1
+        n, ready = self.workers[name], min(self.ready[name], self.workers[name])
+        workers = tuple(WorkerInfo(str(i), "READY" if i < ready else "WORKER_STARTED", i, 0, False) for i in range(n))
+        return ModelInfo(name, n, n, 1, 0, workers)
 
-    def scale(self, name, n):
-        self.calls.append((name, n))
+    def scale(self, name, n, wait=True):
+        self.calls.append((name, n, wait))
         if name in self.fail:
             raise ScaleFailed("Failed to start workers")
         self.workers[name] = n
+        self.ready[name] = min(self.ready[name], n)
+        self.starting[name] = 0 if wait else self.start_ticks
         return "ok"
 
 
@@ -431,3 +474,59 @@ def test_a_failed_scale_backs_off_and_dry_run_changes_nothing():
         t[0] += 1
         ctl.tick()
     assert dry.calls == [] and dry.workers == {"hi": 1}
+
+
+def test_increases_are_asynchronous_and_the_loop_keeps_deciding_while_workers_start():
+    pol = parse_policy({"interval_s": 1, "budgets": {"cpu": {"workers": 4}}, "models": {
+        "hi": model(priority=9, upscale_delay_s=0, max_workers=3), "lo": model(priority=1, upscale_delay_s=0)}})
+    t = [0.0]
+    counts = {"hi": [0.0, 0.0], "lo": [0.0, 0.0]}
+
+    def scrape(url):
+        for c in counts.values():  # both far over target (1 s queue per request)
+            c[0] += 50
+            c[1] += 50 * 1e6
+        return {n: {"ts_inference_requests_total": c[0], "ts_queue_latency_microseconds": c[1]}
+                for n, c in counts.items()}
+
+    mgmt = FakeManagement({"hi": 1, "lo": 1}, start_ticks=4)
+    reg = Registry()
+    ctl = Controller(pol, mgmt, "m", registry=reg, clock=lambda: t[0], scrape=scrape)
+    seen = []
+    for _ in range(12):
+        t[0] += 1
+        ctl.tick()
+        seen.append(dict(mgmt.workers))
+    ups = [c for c in mgmt.calls if c[2] is False]
+    downs = [c for c in mgmt.calls if c[2] is True]
+    assert ups and all(n > 0 for _, n, _ in ups)
+    # hi doubled to 2 while lo took 2 at once; hi reached 3 only after its second worker was READY,
+    # taking lo's extra worker back (a synchronous decrease first); never more than 4 set in all
+    assert seen[1] == {"hi": 2, "lo": 2}
+    assert all(sum(w.values()) <= 4 for w in seen)
+    assert mgmt.workers == {"hi": 3, "lo": 1} and downs == [("lo", 1, True)]
+    hi_up_at = [i for i, c in enumerate(mgmt.calls) if c[0] == "hi"]
+    assert mgmt.calls[hi_up_at[1] - 1] == ("lo", 1, True)
+    assert reg.get("tsgpu_autoscale_errors_total", kind="start_timeout") is None
+
+
+def test_a_worker_that_never_starts_is_logged_once_and_blocks_scale_ups(caplog):
+    pol = parse_policy({"interval_s": 1, "models": {"hi": model(upscale_delay_s=0, settle_timeout_s=3, max_workers=5)}})
+    t = [0.0]
+    n = [0.0]
+
+    def scrape(url):
+        n[0] += 50
+        return {"hi": {"ts_inference_requests_total": n[0], "ts_queue_latency_microseconds": n[0] * 1e6}}
+
+    mgmt = FakeManagement({"hi": 1}, broken={"hi"})
+    mgmt.ready["hi"] = 1
+    reg = Registry()
+    ctl = Controller(pol, mgmt, "m", registry=reg, clock=lambda: t[0], scrape=scrape)
+    with caplog.at_level("INFO", logger="tsgpu.autoscale"):
+        for _ in range(12):
+            t[0] += 1
+            ctl.tick()
+    assert mgmt.workers == {"hi": 2} and mgmt.calls == [("hi", 2, False)]
+    assert reg.get("tsgpu_autoscale_errors_total", kind="start_timeout") == 1
+    assert sum("workers READY after settle_timeout_s" in r.message for r in caplog.records) == 1

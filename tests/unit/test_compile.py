@@ -733,3 +733,28 @@ def test_warm_up_feeds_height_by_width():
     warm_up(backbone, [1, 2], (48, 64), runs=1)
     warm_up(backbone, [1], 32, runs=1)  # one int: a square, as before
     assert seen == [(1, 3, 48, 64), (2, 3, 48, 64), (1, 3, 32, 32)]
+
+
+def test_torchvision_segmentation_model_builds_offline_and_its_eager_code_runs(tmp_path, monkeypatch):
+    """torchvision's detection/segmentation builders fetch backbone weights unless told not to: the
+    build must never download (the user's --weights hold the model), and the generated code that
+    rebuilds an eager artifact must be valid Python (None, not JSON null)."""
+    import importlib.util
+    import urllib.request
+
+    from archiver_scripts.compile import _eager_artifact, load_model
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download during a build")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    model, source = load_model("torchvision:lraspp_mobilenet_v3_large", num_classes=3)
+    weights, meta = _eager_artifact(model, source, CompileOptions(model="torchvision:lraspp_mobilenet_v3_large",
+                                                                  output=tmp_path), tmp_path, "seg")
+    spec = importlib.util.spec_from_file_location("seg_build", tmp_path / meta["model_source"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rebuilt = module.build()
+    rebuilt.load_state_dict(torch.load(weights, weights_only=True))
+    assert type(rebuilt).__name__ == "LRASPP"

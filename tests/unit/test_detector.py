@@ -139,6 +139,10 @@ def test_torchvision_dicts_per_image_and_optional_nms():
 def test_nothing_above_threshold_gives_empty_lists():
     out = torch.zeros(2, 4 + 80, 8400)
     assert detect(out, [identity(), identity()], "yolo", DetectionParams()) == [[], []]
+    # Zero-score rows are padding, even at threshold 0.
+    padded = xyxy([[10, 10, 20, 20, 0.01, 1]], n=300)
+    dets = detect(padded, [identity()], "xyxy_score_class", DetectionParams(score_threshold=0.0))[0]
+    assert boxes_of(dets) == [(1, 0.01, [10.0, 10.0, 20.0, 20.0])]
 
 
 @pytest.mark.parametrize("shape, expected", [

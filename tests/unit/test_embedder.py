@@ -113,3 +113,16 @@ def test_wrong_output_shape_fails_load(tmp_path):
     save_exported(CornerPatch(), tmp_path / "bad.pt2", (224, 224))
     with pytest.raises(ModelLoadError, match=r"\(1, 3, 2, 2\).*Identity"):
         make_handler(tmp_path, "bad.pt2", batch_size=1)
+
+
+@pytest.mark.gpu
+def test_vectors_on_cuda_match_reference(emb_dir, images):
+    want = expected_vectors(images)
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    ctx = FakeContext(emb_dir, serialized_file="quadrants.pt2", batch_size=4, gpu_id=0,
+                      handler_config={"preprocess": {"backend": "cpu"}})  # the reference's numerics
+    handler = ImageEmbedder()
+    handler.initialize(ctx)
+    assert handler.device.type == "cuda"
+    for response, expected in zip(run_handler(handler, ctx, [raw_request(d) for d in images]), want):
+        np.testing.assert_allclose(response.body["embedding"], expected, atol=ATOL)

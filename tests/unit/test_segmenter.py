@@ -30,7 +30,7 @@ from pycocotools import mask as coco_mask
 from handlers.config import SegmenterConfig
 from handlers.errors import ModelLoadError
 from handlers.preprocess.geometry import plan_letterbox
-from handlers.tasks.segmenter import SemanticSegmenter, bilinear_label_map, no_class
+from handlers.tasks.segmenter import SemanticSegmenter, bilinear_label_map, nearest_label_map, no_class
 from handlers.testing import FakeContext, raw_request, run_handler
 from tests.segmentation_models import ChannelMeanMap, ColourSegmenter, save_exported
 
@@ -310,3 +310,37 @@ def test_bilinear_chunks_agree_with_one_pass():
     assert whole.shape == (41, 97) and whole.dtype == torch.uint8
     assert torch.equal(whole, chunked)
     assert set(whole.unique().tolist()) <= {0, 1, 2}
+
+
+# -- CUDA (skipped without a GPU; see docs/gpu-verification.md) ---------------------------------
+
+
+@pytest.mark.gpu
+def test_label_maps_on_cuda_match_cpu():
+    torch.manual_seed(0)
+    logits = torch.randn(21, 520, 520)
+    geometry = plan_letterbox(1920, 1080, (520, 520))
+    cpu = nearest_label_map(logits.max(0).indices, geometry, 21)
+    gpu = nearest_label_map(logits.cuda().max(0).indices, geometry, 21)
+    assert gpu.device.type == "cuda" and torch.equal(cpu, gpu.cpu())
+    cpu = bilinear_label_map(logits, geometry, chunk_floats=21 * 1920 * 100)
+    gpu = bilinear_label_map(logits.cuda(), geometry, chunk_floats=21 * 1920 * 100)
+    assert (cpu == gpu.cpu()).float().mean().item() > 0.999  # float rounding may flip near-ties
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_handler_on_cuda_masks_land_on_drawn_pixels(seg_dir, scenes, interpolation):
+    ctx = FakeContext(seg_dir, serialized_file="letterbox.pt2", batch_size=4, gpu_id=0,
+                      handler_config={"segmenter": {"interpolation": interpolation}})
+    handler = SemanticSegmenter()
+    handler.initialize(ctx)
+    names = ["landscape", "4k", "exif6"]
+    responses = run_handler(handler, ctx, [raw_request(scenes[n][0]) for n in names])
+    for name, response in zip(names, responses):
+        w, h = CASES[name][:2]
+        assert response.status == 200 and response.body["image_size"] == [w, h]
+        decoded = {s["class_id"]: decode(s) for s in response.body["segments"]}
+        assert set(decoded) == {0, 1, 2}
+        for cls in (1, 2):
+            assert_mask_close(decoded[cls], scenes[name][1][cls], min(520 / w, 520 / h), f"cuda/{name}/{cls}")
