@@ -77,7 +77,10 @@ class TorchServe:
         properties: Mapping[str, str] | None = None,
         env: Mapping[str, str] | None = None,
         ports: tuple[int, int, int] | None = None,
+        token_auth: bool = False,
     ) -> None:
+        """`token_auth`: keep TorchServe 0.12's token authorization on (it writes key_file.json in
+        `workdir`); off by default so tests and demos call the APIs without keys."""
         self.model_store = Path(model_store).resolve()
         self.models = list(models)
         self._own_workdir = workdir is None
@@ -107,6 +110,7 @@ class TorchServe:
         props.update(properties or {})
         self.properties = props
         self.extra_env = dict(env or {})
+        self.token_auth = token_auth
         self.process: subprocess.Popen | None = None
         self._log_file = None
 
@@ -128,8 +132,9 @@ class TorchServe:
         cmd = [
             torchserve_executable(), "--start", "--foreground", "--ncs",
             "--ts-config", str(config), "--model-store", str(self.model_store),
-            "--disable-token-auth",
         ]
+        if not self.token_auth:
+            cmd.append("--disable-token-auth")
         self._log_file = open(self.log_dir / "torchserve.out", "wb")
         self.process = subprocess.Popen(
             cmd, cwd=self.workdir, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,

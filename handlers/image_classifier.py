@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .base import VisionHandler
-from .labels import LABELS_FILE, load_labels
+from .labels import load_archive_labels
 from .preprocess import Geometry
 
 logger = logging.getLogger(__name__)
@@ -36,9 +36,7 @@ class ImageClassifier(VisionHandler):
         self.labels: dict[int, str] = {}
 
     def load_assets(self, model_dir: Path) -> None:
-        self.labels = load_labels(model_dir / LABELS_FILE)
-        if not self.labels:
-            logger.warning("%s not found in the archive: labels will be class indices", LABELS_FILE)
+        self.labels = load_archive_labels(model_dir, logger)
 
     def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
         logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs

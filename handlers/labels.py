@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .errors import ConfigError
@@ -31,4 +32,12 @@ def load_labels(path: Path) -> dict[int, str]:
         if not isinstance(value, str):
             raise ConfigError(f"{path.name}: label for {key!r} must be a string, got {value!r}")
         labels[index] = value
+    return labels
+
+
+def load_archive_labels(model_dir: Path, logger: logging.Logger) -> dict[int, str]:
+    """The archive's labels for a task handler's `load_assets`; warns once when it has none."""
+    labels = load_labels(model_dir / LABELS_FILE)
+    if not labels:
+        logger.warning("%s not found in the archive: labels will be class ids", LABELS_FILE)
     return labels

@@ -41,7 +41,7 @@ from torchvision.ops import batched_nms
 
 from ..base import VisionHandler
 from ..errors import ConfigError, ModelLoadError
-from ..labels import LABELS_FILE, load_labels
+from ..labels import LABELS_FILE, load_archive_labels
 from ..preprocess import Geometry
 
 logger = logging.getLogger(__name__)
@@ -308,9 +308,7 @@ class ObjectDetector(VisionHandler):
         """The resolved output form; None until `auto` has seen the first output."""
 
     def load_assets(self, model_dir: Path) -> None:
-        self.labels = load_labels(model_dir / LABELS_FILE)
-        if not self.labels:
-            logger.warning("%s not found in the archive: labels will be class ids", LABELS_FILE)
+        self.labels = load_archive_labels(model_dir, logger)
         cfg = self.config.detector
         self.params = DetectionParams(
             score_threshold=cfg.score_threshold,

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ..base import VisionHandler
 from ..errors import ModelLoadError
-from ..labels import LABELS_FILE, load_labels
+from ..labels import load_archive_labels
 from ..preprocess import Geometry
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ class SemanticSegmenter(VisionHandler):
         self.labels: dict[int, str] = {}
 
     def load_assets(self, model_dir: Path) -> None:
-        self.labels = load_labels(model_dir / LABELS_FILE)
-        if not self.labels:
-            logger.warning("%s not found in the archive: labels will be class ids", LABELS_FILE)
+        self.labels = load_archive_labels(model_dir, logger)
         _coco_mask()  # fail the load, not the first request, when it is missing
 
     def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-import archiver_scripts.server as server_module
 from archiver_scripts.archive import build_archive
 from archiver_scripts.samples import encode, mosaic
 from archiver_scripts.server import TorchServe, free_port
@@ -42,21 +41,9 @@ models:
 """
 
 
-def start_with_token_auth(ts: TorchServe) -> None:
-    """TorchServe.start() passes --disable-token-auth; this test wants 0.12's default (auth on)."""
-    real = server_module.subprocess.Popen
-
-    def popen(cmd, *args, **kwargs):
-        return real([c for c in cmd if c != "--disable-token-auth"], *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server_module.subprocess, "Popen", popen)
-        ts.start()
-
-
 def make_server(store: Path, workdir: Path, ports=None, expiration_min: float = 60) -> TorchServe:
     return TorchServe(store, models=["hi.mar", "lo.mar"], workdir=workdir, ports=ports,
-                      env={"OMP_NUM_THREADS": "1"},
+                      env={"OMP_NUM_THREADS": "1"}, token_auth=True,
                       properties={"disable_token_authorization": "false", "token_expiration_min": str(expiration_min),
                                   "enable_model_api": "true", "default_response_timeout": "60"})
 
@@ -151,7 +138,7 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
     key_file = workdir / "key_file.json"
     client = ManagementClient(ts.management_url, KeyFile(key_file))
     try:
-        start_with_token_auth(ts)
+        ts.start()
         wait_for(lambda: workers(client, "hi")[1] >= 1 and workers(client, "lo")[1] >= 2, 180,
                  "hi (1 worker) and lo (2 workers) READY", ts.log_tail)
         policy = tmp_path / "policy.yaml"
@@ -196,7 +183,7 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
         wait_for(lambda: exported(port)["tsgpu_autoscale_torchserve_up"] == 0, 20, "the controller to see it down", log)
         old_key = json.loads(key_file.read_text())["management"]["key"] if key_file.is_file() else None
         ts = make_server(store, workdir, ports=_ports(ts), expiration_min=0.1)
-        start_with_token_auth(ts)
+        ts.start()
         # readiness as the controller reports it: this test must not renew the key itself
         wait_for(lambda: exported(port).get('tsgpu_autoscale_ready_workers{model="lo"}', 0) >= 2, 180,
                  "lo READY after the restart, seen by the controller", log)
