@@ -6,6 +6,7 @@
     tsgpu demo                                                       the end-to-end demo
     tsgpu kserve --model-store DIR --output DIR                      KServe storage layout + InferenceService
     tsgpu autoscale --policy POLICY.yaml [--management URL] [...]  priority autoscaler beside torchserve
+    tsgpu profile ARCHIVE.mar --images DIR [--batch-sizes 1,4,8]     per-stage time, bottleneck, recommendations
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _autoscale_parser(sub)
     _kserve_parser(sub)
+    _profile_parser(sub)
     return parser
 
 
@@ -171,6 +173,32 @@ def _run_kserve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="load an archive in-process, time each stage, name the bottleneck",
+                       description="Run a directory of images through an archive's handler as a worker would "
+                                   "(no server) and recommend batchSize, workers and preprocess backend "
+                                   "(docs/profiling.md).")
+    p.add_argument("archive", help="the .mar to profile")
+    p.add_argument("--images", required=True, help="directory of images to send (each file is one request)")
+    p.add_argument("--batch-sizes", default="1,4,8", help="batch sizes to measure (default 1,4,8)")
+    p.add_argument("--micro-batch", type=int, default=0, help="handler.pipeline.micro_batch (only 0 in this version)")
+    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size (default 3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from .profile import HandlerFailed, ProfileError, run_cli
+
+    try:
+        return run_cli(args.archive, args.images, args.batch_sizes, args.micro_batch, args.seconds, args.json)
+    except ProfileError as exc:
+        print(f"tsgpu profile: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HandlerFailed as exc:
+        print(f"tsgpu profile: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def _run_autoscale(args: argparse.Namespace) -> int:
     from autoscaler.main import run
 
@@ -184,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from .java import JavaNotFound
 
     commands = {"compile": _run_compile, "archive": _run_archive, "serve": _run_serve, "demo": _run_demo,
-                "autoscale": _run_autoscale, "kserve": _run_kserve}
+                "autoscale": _run_autoscale, "kserve": _run_kserve, "profile": _run_profile}
     try:
         return commands[args.command](args)
     except (ArchiveError, ConfigError) as exc:

@@ -21,8 +21,12 @@ from pathlib import Path
 import yaml
 
 MOUNT = "/mnt/models"
-# Ports of KServe's TorchServe runtime: it routes to 8080 and scrapes 8082.
-INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GRPC_PORT = 8080, 8081, 8082, 7070
+# KServe's TorchServe runtime image (pytorch/torchserve-kfs) starts torchserve and then its
+# kserve_wrapper, a KServe ModelServer on 8080 (REST, where KServe routes) and 8081 (gRPC) that reads
+# this file and forwards to TorchServe's inference_address/management_address in the same container.
+# So TorchServe must stay off 8080/8081: it listens on loopback 8085 for both APIs (as pytorch/serve's
+# kubernetes/kserve/config.properties does), and on 8082 for the metrics KServe scrapes.
+INFERENCE_PORT, MANAGEMENT_PORT, METRICS_PORT, GRPC_PORT = 8085, 8085, 8082, 7070
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
 
 
@@ -72,7 +76,8 @@ def config_properties(infos: list[MarInfo], protocol: str = "v1") -> str:
     snapshot = json.dumps(model_snapshot(infos), separators=(",", ":"), sort_keys=True)
     return "\n".join([
         "# Written by `tsgpu kserve` for KServe's TorchServe runtime (storage mounted at /mnt/models).",
-        f"inference_address=http://0.0.0.0:{INFERENCE_PORT}",
+        "# TorchServe sits behind the image's kserve_wrapper (8080 REST, 8081 gRPC), which forwards here",
+        f"inference_address=http://127.0.0.1:{INFERENCE_PORT}",
         f"management_address=http://127.0.0.1:{MANAGEMENT_PORT}",
         f"metrics_address=http://0.0.0.0:{METRICS_PORT}",
         f"grpc_inference_port={GRPC_PORT}",

@@ -32,6 +32,7 @@ from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
 from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
+from .stages import DECODE, FETCH, FORWARD, POSTPROCESS, READ, StageClock, StageTimer
 from .tables import TableStage, load_table_stage
 
 
@@ -69,6 +70,7 @@ class VisionHandler(BaseHandler):
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._trimmer = MemoryTrimmer(0)
         self._heap_report = HeapReport()
+        self._stages = StageClock()  # per-stage metrics (handlers/stages.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class VisionHandler(BaseHandler):
     # -- the request sequence (do not override) --------------------------------------------------
 
     def handle(self, data: list[Any], context: Any) -> list[str]:
-        started = time.perf_counter()
+        timer = self._stages.begin(len(data))
         self.context = context
         n = len(data)
         errors: list[RequestError | None] = [None] * n
@@ -183,8 +185,7 @@ class VisionHandler(BaseHandler):
 
         encoded: list[bytes] = []
         owners: list[int] = []  # input index of each encoded item
-        timings: dict[str, float] = {}
-        for i, item in enumerate(self._read_all(data, timings)):
+        for i, item in enumerate(self._read_all(data, timer)):
             if isinstance(item, RequestError):
                 errors[i] = item
             else:
@@ -193,20 +194,19 @@ class VisionHandler(BaseHandler):
 
         if encoded:
             assert self.preprocessor is not None
-            t0 = time.perf_counter()
             before = getattr(self.preprocessor, "fallback_items", 0)
-            batch = self.preprocessor.run(encoded)
-            timings["PreprocessTime"] = time.perf_counter() - t0
+            with timer.stage(DECODE):
+                batch = self.preprocessor.run(encoded)
             fallbacks = getattr(self.preprocessor, "fallback_items", 0) - before
             for k, err in enumerate(batch.errors):
                 if err is not None:
                     errors[owners[k]] = err
             if batch.rows:
-                t0 = time.perf_counter()
                 with torch.inference_mode():
-                    outputs = self.forward(batch.tensor)
-                    item_results = self.postprocess(outputs, [batch.geometry[r] for r in batch.rows])
-                timings["InferenceTime"] = time.perf_counter() - t0
+                    with self._stages.forward(timer, self.device):
+                        outputs = self.forward(batch.tensor)
+                    with timer.stage(POSTPROCESS):
+                        item_results = self.postprocess(outputs, [batch.geometry[r] for r in batch.rows])
                 for r, result in zip(batch.rows, item_results, strict=True):
                     if isinstance(result, RequestError):
                         errors[owners[r]] = result
@@ -217,27 +217,28 @@ class VisionHandler(BaseHandler):
             responses = self._respond_enveloped(results, errors, context)
         else:
             responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
-        self._report(context, timings, errors, started, fallbacks)
+        self._report(context, timer, errors, fallbacks)
         self._trimmer.maybe_trim()
         self._heap_report.maybe_report()
         return responses
 
-    def _read_all(self, data: list[Any], timings: dict[str, float]) -> list[bytes | RequestError]:
+    def _read_all(self, data: list[Any], timer: StageTimer) -> list[bytes | RequestError]:
         """Every row's bytes or error; URL items of the batch are downloaded concurrently."""
         items: list[bytes | UrlInput | RequestError] = []
-        for i, row in enumerate(data):
-            try:
-                items.append(self.read_input(row, i))
-            except RequestError as err:
-                items.append(err.detach())
+        with timer.stage(READ):
+            for i, row in enumerate(data):
+                try:
+                    items.append(self.read_input(row, i))
+                except RequestError as err:
+                    items.append(err.detach())
         urls = [(i, item.url) for i, item in enumerate(items) if isinstance(item, UrlInput)]
         if urls:
-            t0 = time.perf_counter()
+            started = time.perf_counter()
             if self._fetch_pool is None:
                 self._fetch_pool = ThreadPoolExecutor(self.config.url.max_concurrency, thread_name_prefix="fetch")
             for (i, _), fetched in zip(urls, fetch_all([u for _, u in urls], self.config.url, self._fetch_pool)):
                 items[i] = fetched
-            timings["FetchTime"] = time.perf_counter() - t0
+            timer.add(FETCH, time.perf_counter() - started)
         return items  # type: ignore[return-value]  (no UrlInput is left)
 
     # -- override points -------------------------------------------------------------------------
@@ -302,23 +303,32 @@ class VisionHandler(BaseHandler):
         return bodies
 
     def _report(
-        self, context: Any, timings: dict[str, float], errors: list[RequestError | None], started: float,
-        fallbacks: int = 0,
+        self, context: Any, timer: StageTimer, errors: list[RequestError | None], fallbacks: int = 0,
     ) -> None:
+        """Stage times (handlers/stages.py), counters and HandlerTime; one debug line per batch."""
         metrics = getattr(context, "metrics", None)
+        try:  # metrics and logging must never fail a request
+            report = self._stages.finish(timer)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(report.log_line())
+            if metrics is not None:
+                report.emit(metrics)
+        except Exception:
+            logger.debug("stage metrics failed", exc_info=True)
         if metrics is None:
             return
-        try:
-            for name, seconds in timings.items():
-                metrics.add_time(name, round(seconds * 1000, 3), None, "ms")
+        try:  # the older metrics on their own, so a failure above cannot cost the dashboards them
+            if FORWARD in timer.seconds:  # host wall of forward + postprocess, as before the split
+                inference = timer.seconds[FORWARD] + timer.seconds.get(POSTPROCESS, 0.0)
+                metrics.add_time("InferenceTime", round(inference * 1000, 3), None, "ms")
             failed = [e for e in errors if e is not None]
             if failed:
                 metrics.add_counter("RequestErrors", len(failed))
             if fallbacks:
                 metrics.add_counter("PreprocessFallbacks", fallbacks)
             metrics.add_counter("ImagesProcessed", len(errors) - len(failed))
-            metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 3), None, "ms")
-        except Exception:  # metrics must never fail a request
+            metrics.add_time("HandlerTime", round(timer.elapsed() * 1000, 3), None, "ms")
+        except Exception:
             logger.debug("metrics reporting failed", exc_info=True)
 
 

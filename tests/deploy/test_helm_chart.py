@@ -39,7 +39,7 @@ def _by_kind(objs: list[dict]) -> dict[str, list[dict]]:
 
 
 def _config(objs: list[dict]) -> dict[str, str]:
-    text = _by_kind(objs)["ConfigMap"][0]["data"]["config.properties"]
+    (text,) = [c["data"]["config.properties"] for c in _by_kind(objs)["ConfigMap"] if "config.properties" in c["data"]]
     return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
 
 
@@ -130,3 +130,46 @@ def test_keda_scales_on_a_rate():
 def test_bad_values_fail_with_the_key(values, message):
     with pytest.raises(helm.HelmError, match=message):
         render(values)
+
+
+def _container(pod: dict, name: str) -> dict:
+    (found,) = [c for c in pod["spec"]["containers"] if c["name"] == name]
+    return found
+
+
+def test_autoscaler_sidecar(tmp_path):
+    from archiver_scripts.cli import build_parser
+    from autoscaler.policy import load_policy
+
+    kinds = _by_kind(render(_values("autoscaler-values")))
+    pod = kinds["Deployment"][0]["spec"]["template"]
+    torchserve, sidecar = _container(pod, "torchserve"), _container(pod, "autoscaler")
+    # the command is one the real CLI accepts, pointed at this pod's loopback ports
+    args = build_parser().parse_args(sidecar["command"][1:])
+    config = _config(kinds["ConfigMap"])  # the TorchServe one, not the policy
+    assert args.command == "autoscale"
+    assert args.management == "http://127.0.0.1:8081" and config["management_address"] == "http://127.0.0.1:8081"
+    assert args.metrics == "http://127.0.0.1:8082" and config["metrics_address"].endswith(":8082")
+    # the key file is where TorchServe writes it (its working directory), on a volume both mount
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert str(args.key_file.parent) == torchserve["workingDir"] == mounts["workdir"]
+    assert {"name": "workdir", "mountPath": torchserve["workingDir"]} in torchserve["volumeMounts"]
+    assert {"name": "workdir", "emptyDir": {}} in pod["spec"]["volumes"]
+    # the policy ConfigMap is mounted where --policy points and is a policy the controller accepts
+    (policy_cm,) = [c for c in kinds["ConfigMap"] if c["metadata"]["name"].endswith("-autoscaler")]
+    assert str(args.policy.parent) == mounts["autoscaler-policy"]
+    (tmp_path / "policy.yaml").write_text(policy_cm["data"]["policy.yaml"])
+    policy = load_policy(tmp_path / "policy.yaml")
+    assert policy.models["search-embed"].priority == 10 and "cuda:0" in policy.budgets
+    assert "checksum/autoscaler" in pod["metadata"]["annotations"]
+
+
+def test_autoscaler_sidecar_off_by_default_and_without_key_file_when_auth_is_off():
+    pod = _by_kind(render(None))["Deployment"][0]["spec"]["template"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["torchserve"]
+    values = _values("autoscaler-values")
+    values["security"] = {"tokenAuth": {"enabled": False, "disabledReason": "mesh mTLS"}}
+    pod = _by_kind(render(values))["Deployment"][0]["spec"]["template"]
+    assert "--key-file" not in _container(pod, "autoscaler")["command"]
+    with pytest.raises(helm.HelmError, match="autoscaler.policy"):
+        render({"autoscaler": {"enabled": True}})

@@ -39,7 +39,8 @@ def test_layout_matches_the_runtime(layout):
     assert sorted(p.name for p in (layout / "model-store").iterdir()) == ["tiny.mar"]
     zipfile.ZipFile(layout / "model-store" / "tiny.mar").testzip()
     props = read_properties(layout / "config" / "config.properties")
-    assert props["inference_address"] == "http://0.0.0.0:8080"
+    # behind the runtime image's kserve_wrapper, which serves 8080 (REST) and 8081 (gRPC) itself
+    assert props["inference_address"] == props["management_address"] == "http://127.0.0.1:8085"
     assert props["metrics_address"] == "http://0.0.0.0:8082"
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["service_envelope"] == "kserve"
@@ -98,3 +99,70 @@ def test_v1_several_instances_keep_their_own_results_and_errors(served):
     good, bad, again = r.json()["predictions"]
     assert len(good["predictions"]) == 3 and good == again
     assert bad["code"] == 415 and bad["type"] == "unsupported_media_type"
+
+
+# -- KServe v2 (open inference protocol) through TorchServe's kservev2 envelope ------------------
+
+
+@pytest.fixture(scope="module")
+def served_v2(layout, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kserve-v2")
+    assert tsgpu(["kserve", "--model-store", str(layout / "model-store"), "--output", str(out), "--protocol", "v2"]) == 0
+    ts = TorchServe(out / "model-store", workdir=tmp_path_factory.mktemp("ks2-ts"),
+                    base_config=out / "config" / "config.properties", env={"OMP_NUM_THREADS": "1"})
+    del ts.properties["load_models"]
+    ts.start()
+    try:
+        ts.wait_ready(["tiny"], timeout=120)
+        yield ts
+    finally:
+        ts.stop()
+
+
+def _input(name: str, b64: str) -> dict:
+    return {"name": name, "shape": [1], "datatype": "BYTES", "data": [b64]}
+
+
+def _infer_v2(ts, inputs):
+    return requests.post(f"{ts.inference_url}/v2/models/tiny/infer", json={"id": "req-1", "inputs": inputs}, timeout=60)
+
+
+def test_v2_layout_sets_the_v2_envelope(served_v2):
+    assert served_v2.properties["service_envelope"] == "kservev2"
+
+
+def test_v2_one_input_per_image_keeps_results_and_errors_per_input(served_v2):
+    r = _infer_v2(served_v2, [_input("input-0", _photo()), _input("input-1", BAD), _input("input-2", _photo())])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-1" and body["model_name"] == "tiny"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert list(outputs) == ["input-0", "input-1", "input-2"]
+    assert all(o["datatype"] == "BYTES" and o["shape"] == [1] for o in outputs.values())
+    # data[0] is our JSON as an object (the handler returns objects under an envelope)
+    good, bad, again = (outputs[n]["data"][0] for n in ("input-0", "input-1", "input-2"))
+    assert len(good["predictions"]) == 3 and good == again
+    assert bad["code"] == 415 and bad["type"] == "unsupported_media_type"
+
+
+def test_v2_single_bad_input_keeps_its_status(served_v2):
+    r = _infer_v2(served_v2, [_input("input-0", BAD)])
+    assert r.status_code == 415
+    assert r.json()["outputs"][0]["data"][0]["code"] == 415
+
+
+def test_v2_non_bytes_input_is_refused_per_input(served_v2):
+    pixels = {"name": "input-1", "shape": [1, 2, 2], "datatype": "UINT8", "data": [1, 2, 3, 4]}
+    r = _infer_v2(served_v2, [_input("input-0", _photo()), pixels])
+    assert r.status_code == 200, r.text
+    good, bad = (o["data"][0] for o in r.json()["outputs"])
+    assert len(good["predictions"]) == 3 and bad["code"] == 400 and "list" in bad["message"]
+
+
+def test_v2_reads_only_the_first_element_of_an_input(served_v2):
+    # TorchServe's kservev2 envelope takes data[0] of a BYTES input and drops the rest, silently:
+    # send one image per input (docs/deploy.md)
+    r = _infer_v2(served_v2, [{"name": "input-0", "shape": [2], "datatype": "BYTES", "data": [_photo(), BAD]}])
+    assert r.status_code == 200, r.text
+    (output,) = r.json()["outputs"]
+    assert len(output["data"]) == 1 and len(output["data"][0]["predictions"]) == 3

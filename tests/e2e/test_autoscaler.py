@@ -23,7 +23,7 @@ import pytest
 from archiver_scripts.archive import build_archive
 from archiver_scripts.samples import encode, mosaic
 from archiver_scripts.server import TorchServe, free_port
-from autoscaler.torchserve import KeyFile, ManagementClient, ModelNotFound, TorchServeError
+from autoscaler.torchserve import KeyFile, ManagementClient, TorchServeError
 from tests import models
 
 pytestmark = pytest.mark.slow
