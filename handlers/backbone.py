@@ -283,12 +283,22 @@ def _load_eager(path: Path, cfg: ModelConfig, device: torch.device, model_dir: P
 
 def _register_torchvision_ops() -> None:
     """TorchScript and exported programs may call torchvision's operators (torchvision::nms in a
-    detector exported with NMS inside, roi_align...), which exist only once torchvision.ops is
-    imported; importing it at load, not at module import, keeps imports free of side effects."""
+    detector exported with NMS inside, roi_align...), which exist only once torchvision's C
+    extension is loaded. Load just that library (milliseconds) rather than `import torchvision.ops`,
+    which pulls in torch._dynamo and added about 3 s of CPU to every worker start; at load, not at
+    import, so importing this module has no side effects."""
+    if hasattr(torch.ops.torchvision, "nms"):
+        return
     try:
-        import torchvision.ops  # noqa: F401
+        spec = importlib.util.find_spec("torchvision")
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        libraries = sorted(p for loc in locations for p in Path(loc).glob("_C*.so"))
+        if libraries:
+            torch.ops.load_library(str(libraries[0]))
+            return
+        import torchvision.ops  # noqa: F401  (no extension file found: let torchvision load it)
     except Exception as exc:  # torchvision is a dependency; a broken install should not hide the model's error
-        logger.debug("torchvision.ops not importable (%s): models that use its operators will not load", exc)
+        logger.debug("torchvision's operators not loaded (%s): models that use them will not load", exc)
 
 
 def _param_dtype(module: Any) -> torch.dtype:

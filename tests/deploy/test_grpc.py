@@ -135,20 +135,23 @@ def test_mixed_calls_sharing_a_batch_keep_their_own_bodies(client, grpc_server):
     good, bad, again, empty = (json.loads(reply.prediction) for reply, _ in replies)
     assert len(good["predictions"]) == 3 and good == again
     assert bad["code"] == 415 and empty["code"] == 400 and empty["type"]
-    # They really shared one batch: the handler's per-batch error metric lists every request id.
-    # The frontend logs the worker's metric line on its own thread, maybe after the replies: wait for it.
-    assert _batches_logged(log, before) == [("2", BATCH)]
+    # They really shared one batch: the handler's per-batch error metric lists every request id. The
+    # frontend logs the worker's metric lines on its own thread, maybe after the replies: wait for it.
+    assert _batch_logged(log, before, errors=2, requests=BATCH)
 
 
-def _batches_logged(log: Path, start: int, timeout: float = 10.0) -> list[tuple[str, int]]:
-    """(error count, request count) of the handler's RequestErrors lines logged after `start`."""
-    pattern = re.compile(r"\[METRICS\]RequestErrors\.Count:(\d+)\|#ModelName:tiny.*?#hostname:[^,]+,\d+,(\S+), pattern")
+def _batch_logged(log: Path, start: int, errors: int, requests: int, timeout: float = 10.0) -> bool:
+    """Whether the handler logged, after `start`, a RequestErrors line for one batch of that shape."""
+    pattern = re.compile(r"\[METRICS\]RequestErrors\.Count:(\d+)\|#ModelName:tiny"
+                         r".*?#hostname:[^,]+,\d+,(\S+), pattern")
     deadline = time.monotonic() + timeout
     while True:
-        # a set: the frontend log has each metric line twice
-        found = {(count, len(ids.split(","))) for count, ids in pattern.findall(log.read_text()[start:])}
-        if found or time.monotonic() > deadline:
-            return sorted(found)
+        found = {(int(count), len(ids.split(","))) for count, ids in pattern.findall(log.read_text()[start:])}
+        if (errors, requests) in found:
+            return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no batch of {requests} requests with {errors} errors logged; "
+                                 f"batches: {sorted(found)}")
         time.sleep(0.2)
 
 

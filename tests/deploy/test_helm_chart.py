@@ -39,7 +39,8 @@ def _by_kind(objs: list[dict]) -> dict[str, list[dict]]:
 
 
 def _config(objs: list[dict]) -> dict[str, str]:
-    (text,) = [c["data"]["config.properties"] for c in _by_kind(objs)["ConfigMap"] if "config.properties" in c["data"]]
+    maps = _by_kind(objs)["ConfigMap"]
+    (text,) = [c["data"]["config.properties"] for c in maps if "config.properties" in c["data"]]
     return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
 
 
@@ -148,7 +149,7 @@ def test_autoscaler_sidecar(tmp_path):
     args = build_parser().parse_args(sidecar["command"][1:])
     config = _config(kinds["ConfigMap"])  # the TorchServe one, not the policy
     assert args.command == "autoscale"
-    assert args.management == "http://127.0.0.1:8081" and config["management_address"] == "http://127.0.0.1:8081"
+    assert args.management == config["management_address"] == "http://127.0.0.1:8081"
     assert args.metrics == "http://127.0.0.1:8082" and config["metrics_address"].endswith(":8082")
     # the key file is where TorchServe writes it (its working directory), on a volume both mount
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}

@@ -107,7 +107,8 @@ def test_v1_several_instances_keep_their_own_results_and_errors(served):
 @pytest.fixture(scope="module")
 def served_v2(layout, tmp_path_factory):
     out = tmp_path_factory.mktemp("kserve-v2")
-    assert tsgpu(["kserve", "--model-store", str(layout / "model-store"), "--output", str(out), "--protocol", "v2"]) == 0
+    store = layout / "model-store"
+    assert tsgpu(["kserve", "--model-store", str(store), "--output", str(out), "--protocol", "v2"]) == 0
     ts = TorchServe(out / "model-store", workdir=tmp_path_factory.mktemp("ks2-ts"),
                     base_config=out / "config" / "config.properties", env={"OMP_NUM_THREADS": "1"})
     del ts.properties["load_models"]
@@ -124,7 +125,8 @@ def _input(name: str, b64: str) -> dict:
 
 
 def _infer_v2(ts, inputs):
-    return requests.post(f"{ts.inference_url}/v2/models/tiny/infer", json={"id": "req-1", "inputs": inputs}, timeout=60)
+    body = {"id": "req-1", "inputs": inputs}
+    return requests.post(f"{ts.inference_url}/v2/models/tiny/infer", json=body, timeout=60)
 
 
 def test_v2_layout_sets_the_v2_envelope(served_v2):
@@ -132,7 +134,8 @@ def test_v2_layout_sets_the_v2_envelope(served_v2):
 
 
 def test_v2_one_input_per_image_keeps_results_and_errors_per_input(served_v2):
-    r = _infer_v2(served_v2, [_input("input-0", _photo()), _input("input-1", BAD), _input("input-2", _photo())])
+    inputs = [_input("input-0", _photo()), _input("input-1", BAD), _input("input-2", _photo())]
+    r = _infer_v2(served_v2, inputs)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"] == "req-1" and body["model_name"] == "tiny"
@@ -162,7 +165,8 @@ def test_v2_non_bytes_input_is_refused_per_input(served_v2):
 def test_v2_reads_only_the_first_element_of_an_input(served_v2):
     # TorchServe's kservev2 envelope takes data[0] of a BYTES input and drops the rest, silently:
     # send one image per input (docs/deploy.md)
-    r = _infer_v2(served_v2, [{"name": "input-0", "shape": [2], "datatype": "BYTES", "data": [_photo(), BAD]}])
+    two = {"name": "input-0", "shape": [2], "datatype": "BYTES", "data": [_photo(), BAD]}
+    r = _infer_v2(served_v2, [two])
     assert r.status_code == 200, r.text
     (output,) = r.json()["outputs"]
     assert len(output["data"]) == 1 and len(output["data"][0]["predictions"]) == 3

@@ -232,3 +232,33 @@ def test_kserve_envelope_keeps_per_instance_results_and_errors(model_dir, jpegs)
     rows = context.start_batch([json_request({"instances": [{"data": "bm90IGFuIGltYWdl"}]})])
     (response,) = KServeEnvelope(handler.handle).handle(rows, context)
     assert response["predictions"][0]["code"] == 415 and context.get_response_status(0)[0] == 415
+
+
+def test_models_calling_torchvision_ops_load_without_importing_torchvision(tmp_path):
+    """A TorchScript detector with NMS inside calls torchvision::nms: the loader registers
+    torchvision's C operators (a shared library, milliseconds) without importing torchvision's
+    Python package, which would add seconds to every worker start."""
+    import subprocess
+    import sys
+
+    import torchvision
+
+    class WithNms(torch.nn.Module):
+        def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return torchvision.ops.nms(boxes, scores, 0.5)
+
+    path = tmp_path / "nms.pt"
+    torch.jit.save(torch.jit.script(WithNms()), str(path))
+    code = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from handlers.backbone import load_backbone\n"
+        "from handlers.config import ModelConfig\n"
+        f"b = load_backbone(Path({str(tmp_path)!r}), 'nms.pt', ModelConfig(freeze=False), torch.device('cpu'))\n"
+        "boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])\n"
+        "keep = b.module(boxes, torch.tensor([0.9, 0.8, 0.7]))\n"
+        "assert keep.tolist() == [0, 2], keep\n"
+        "assert 'torchvision' not in sys.modules, 'torchvision was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
