@@ -287,9 +287,9 @@ def _register_torchvision_ops() -> None:
     extension is loaded. Load just that library (milliseconds) rather than `import torchvision.ops`,
     which pulls in torch._dynamo and added about 3 s of CPU to every worker start; at load, not at
     import, so importing this module has no side effects."""
-    if hasattr(torch.ops.torchvision, "nms"):
-        return
     try:
+        if hasattr(torch.ops.torchvision, "nms"):
+            return
         spec = importlib.util.find_spec("torchvision")
         locations = list(spec.submodule_search_locations or []) if spec else []
         libraries = sorted(p for loc in locations for p in Path(loc).glob("_C*.so"))

@@ -332,16 +332,24 @@ class VisionHandler(BaseHandler):
             logger.debug("metrics reporting failed", exc_info=True)
 
 
-def _called_by_envelope() -> bool:
-    """Whether `handle` was called by a TorchServe request envelope (BaseEnvelope.handle), which
-    TorchServe puts between the worker and the handler when `service_envelope` is set. Nothing in the
-    context says so, so the caller's frame is asked; two frames up is the envelope's handle."""
+def _called_by_envelope(max_depth: int = 6) -> bool:
+    """Whether `handle` was called by TorchServe's KServe request envelope (service_envelope=kserve
+    or kservev2), which turns the instances of ONE request into the items of a batch. Nothing in
+    the context says so, so the callers' frames are asked (a few levels: a subclass or a
+    module-level `handle` may sit between the envelope and us)."""
     try:
-        from ts.torch_handler.request_envelope.base import BaseEnvelope
+        from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+        from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
     except ImportError:  # pragma: no cover - torchserve is a dependency
         return False
-    frame = sys._getframe(2)
-    return isinstance(frame.f_locals.get("self"), BaseEnvelope)
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), (KServeEnvelope, KServev2Envelope)):
+            return True
+    return False
 
 
 def _probe_jpeg() -> bytes:

@@ -288,8 +288,17 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def with_task_defaults(section: Mapping[str, Any] | None, task: str) -> dict[str, Any]:
-    """`section` over the defaults of `task` (nested keys merged; the user's values win)."""
-    return _merge(_deep_copy(TASK_DEFAULTS.get(task, {})), section or {})
+    """`section` over the defaults of `task` (nested keys merged; the user's values win).
+
+    A user who sizes a center crop (`crop_size`, or `geometry: center_crop`) without `input_size`
+    means that crop: the task's default `input_size` is then dropped rather than left to win."""
+    defaults = _deep_copy(TASK_DEFAULTS.get(task, {}))
+    user_pre = (section or {}).get("preprocess") or {}
+    if isinstance(user_pre, Mapping) and "input_size" not in user_pre and (
+        "crop_size" in user_pre or user_pre.get("geometry") == "center_crop"
+    ):
+        defaults.get("preprocess", {}).pop("input_size", None)
+    return _merge(defaults, section or {})
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -212,23 +212,31 @@ def _decode_checked(
     image: Image.Image, fmt: str, spec: PreprocessSpec, resample: int, out: np.ndarray
 ) -> Geometry:
     stored = image.size  # full resolution, as stored (draft decoding makes image.size smaller)
+    content: tuple[float, float] = stored  # the original's extent in decoded pixels
     if spec.jpeg_draft and fmt in ("JPEG", "MPO"):
         # A JPEG's EXIF is parsed at open, so the plan (and the draft scale) can precede decoding.
         scale = draft_scale(_plan_oriented(image, stored, fmt, spec)[1], spec.draft_min_ratio)
         if scale < 0.5:  # libjpeg can reduce by 2, 4 or 8 at least; draft picks the largest that fits
-            image.draft(image.mode, ceil_size(*image.size, scale))
+            drafted = image.draft(image.mode, ceil_size(*image.size, scale))
+            if drafted is not None:
+                # libjpeg rounds the reduced size up (3001 / 4 -> 751 pixels): the original ends at
+                # 750.25, which is what draft reports; scaling by the rounded size would squeeze
+                # the content by up to one decoded pixel towards the right and bottom.
+                content = (drafted[1][2], drafted[1][3])
     # Orientation after load: for other formats Pillow's getexif() may load the image itself and
     # swallow a decoding error, which load() must report.
     image.load()
     turn, geometry = _plan_oriented(image, stored, fmt, spec)
     if turn in _ORIENTATION:
         image = image.transpose(_ORIENTATION[turn])
+        if turn >= 5:
+            content = (content[1], content[0])
     image = _to_rgb(image)
 
     # Resize only the region the model sees, straight to its size in the model input. The decoded
     # image may be smaller than the original (draft): take the region in its pixels.
     left, top, right, bottom = geometry.target
-    resized = image.resize((right - left, bottom - top), resample, box=geometry.source_in(image.size))
+    resized = image.resize((right - left, bottom - top), resample, box=geometry.source_in(content))
     if geometry.target == (0, 0, *geometry.input_size):
         out[...] = np.asarray(resized)
     else:

@@ -87,9 +87,10 @@ class Geometry:
             ], dim=-1)
         return out
 
-    def source_in(self, decoded_size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+    def source_in(self, decoded_size: tuple[float, float] | None = None) -> tuple[float, float, float, float]:
         """`source` in the pixels of the oriented image as decoded: `decoded_size` (width, height) is
-        smaller than `original_size` after JPEG draft decoding; default: full resolution."""
+        the original's extent there, smaller than `original_size` after JPEG draft decoding (and
+        fractional when libjpeg rounded the reduced size up); default: full resolution."""
         if decoded_size is None or decoded_size == self.original_size:
             return self.source
         fx = decoded_size[0] / self.original_size[0]

@@ -76,3 +76,15 @@ def test_bad_overrides(item, fragment):
 def test_to_dict_round_trips():
     cfg = HandlerConfig.from_mapping({"classifier": {"top_k": 2}})
     assert HandlerConfig.from_mapping(cfg.to_dict()) == cfg
+
+
+def test_task_defaults_yield_to_a_users_center_crop():
+    from handlers.config import with_task_defaults
+
+    seg = HandlerConfig.from_mapping(with_task_defaults({"preprocess": {"crop_size": 480, "resize_size": 480}},
+                                                        "semantic-segmentation"))
+    assert seg.preprocess.input_hw == (480, 480) and seg.preprocess.geometry == "letterbox"
+    det = HandlerConfig.from_mapping(with_task_defaults({"preprocess": {"geometry": "center_crop"}}, "object-detection"))
+    assert det.preprocess.input_hw == (224, 224)
+    plain = HandlerConfig.from_mapping(with_task_defaults({}, "object-detection"))
+    assert plain.preprocess.input_hw == (640, 640) and plain.preprocess.std == (1.0, 1.0, 1.0)

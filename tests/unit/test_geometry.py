@@ -216,3 +216,25 @@ def test_accelerated_backends_meet_the_contract_in_every_mode(backend, device, m
     _check(batch.tensor, images, mode, input_hw, mean_tol, max_tol)
     assert pre.fallback_items == 0
     pre.close()
+
+
+def test_draft_decoding_keeps_content_at_the_far_edge_in_place():
+    """libjpeg rounds a reduced size up (4001 / 8 -> 501 pixels for 500.125 of image): the geometry
+    must use the original's true extent in decoded pixels, or content near the right and bottom
+    edges shifts (here by ~0.24 model-input pixels, about 3 original pixels)."""
+    import numpy as np
+
+    image = np.full((3001, 4001, 3), 255, np.uint8)
+    image[:, 3950:3970] = 0  # a dark bar near the right edge
+    data = samples.encode(image, "JPEG", quality=95)
+    spec = PreprocessSpec(geometry="letterbox", input_size=(320, 320), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    batch = create_preprocessor("cpu", spec, 1).run([data])
+    geometry = batch.geometry[0]
+    darkness = 1.0 - batch.tensor[0].mean(0)  # 0..1, high on the bar
+    left, top, right, bottom = geometry.target
+    profile = darkness[top:bottom, left:right].mean(0)
+    xs = torch.arange(left, right, dtype=torch.float64) + 0.5
+    weights = profile.double() * (profile.double() > 0.05)
+    centroid = float((weights * xs).sum() / weights.sum())
+    predicted = geometry.to_input(3960.0, 0.0)[0]
+    assert abs(centroid - predicted) < 0.1, (centroid, predicted)

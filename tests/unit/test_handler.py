@@ -233,6 +233,17 @@ def test_kserve_envelope_keeps_per_instance_results_and_errors(model_dir, jpegs)
     (response,) = KServeEnvelope(handler.handle).handle(rows, context)
     assert response["predictions"][0]["code"] == 415 and context.get_response_status(0)[0] == 415
 
+    # TorchServe's classic module-level entry point puts one more frame between envelope and handler
+    def handle(data, ctx):
+        return handler.handle(data, ctx)
+
+    rows = context.start_batch([json_request({"instances": [{"data": b64(photo)}, {"data": b64(photo)}]})])
+    (response,) = KServeEnvelope(handle).handle(rows, context)
+    assert [len(p["predictions"]) for p in response["predictions"]] == [2, 2]
+    # without an envelope every request gets its own JSON text and status, as before
+    responses = run_handler(handler, context, [raw_request(photo), raw_request(b"nope")])
+    assert [r.status for r in responses] == [200, 415]
+
 
 def test_models_calling_torchvision_ops_load_without_importing_torchvision(tmp_path):
     """A TorchScript detector with NMS inside calls torchvision::nms: the loader registers
