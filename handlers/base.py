@@ -12,6 +12,7 @@ items of the batch are answered normally. Task handlers override `postprocess` (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import io
 import json
@@ -142,10 +143,8 @@ class VisionHandler(BaseHandler):
 
     def load_config(self, model_yaml_config: dict[str, Any]) -> HandlerConfig:
         section = (model_yaml_config or {}).get("handler")
-        if isinstance(section, dict):
-            model_yaml_config = {**model_yaml_config, "handler": with_task_defaults(section, self.task)}
-        elif section is None:
-            model_yaml_config = {**(model_yaml_config or {}), "handler": with_task_defaults({}, self.task)}
+        if section is None or isinstance(section, dict):  # anything else: load_handler_config says why
+            model_yaml_config = {**(model_yaml_config or {}), "handler": with_task_defaults(section, self.task)}
         return load_handler_config(model_yaml_config, self.config_class)
 
     def load_assets(self, model_dir: Path) -> None:
@@ -337,19 +336,26 @@ def _called_by_envelope(max_depth: int = 6) -> bool:
     or kservev2), which turns the instances of ONE request into the items of a batch. Nothing in
     the context says so, so the callers' frames are asked (a few levels: a subclass or a
     module-level `handle` may sit between the envelope and us)."""
-    try:
-        from ts.torch_handler.request_envelope.kserve import KServeEnvelope
-        from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
-    except ImportError:  # pragma: no cover - torchserve is a dependency
-        return False
+    envelopes = _kserve_envelopes()
     frame = sys._getframe(1)
     for _ in range(max_depth):
         frame = frame.f_back
         if frame is None:
             return False
-        if isinstance(frame.f_locals.get("self"), (KServeEnvelope, KServev2Envelope)):
+        if isinstance(frame.f_locals.get("self"), envelopes):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def _kserve_envelopes() -> tuple[type, ...]:
+    """TorchServe's KServe envelope classes, imported once (on the first batch, not at import)."""
+    try:
+        from ts.torch_handler.request_envelope.kserve import KServeEnvelope
+        from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
+    except ImportError:  # pragma: no cover - torchserve is a dependency
+        return ()
+    return (KServeEnvelope, KServev2Envelope)
 
 
 def _probe_jpeg() -> bytes:

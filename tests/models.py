@@ -57,3 +57,15 @@ def save_exported_program(model: nn.Module, path: Path, max_batch: int = 64) -> 
 def save_state_dict(model: nn.Module, path: Path) -> Path:
     torch.save(model.state_dict(), str(path))
     return path
+
+
+def build_tiny_archive(name: str, store: Path, build_dir: Path, **archive_kwargs) -> Path:
+    """The TinyClassifier (TorchScript, with its labels) archived as `store/name.mar` by
+    `tsgpu archive`'s build_archive; extra keyword arguments go to it (batch_size, config...)."""
+    from archiver_scripts.archive import build_archive
+
+    script = build_dir / "tiny.pt"
+    if not script.exists():
+        save_torchscript(make_model(), script)
+    return build_archive(name, script, store, labels=write_labels(build_dir), log=lambda message: None,
+                         **archive_kwargs)

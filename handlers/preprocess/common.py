@@ -29,7 +29,7 @@ import torch
 
 from ..errors import RequestError
 from . import Batch, Geometry, Normaliser, PreprocessSpec
-from .cpu import CpuPreprocessor, open_image, orientation, plan_geometry
+from .cpu import CpuPreprocessor, open_image, orientation
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
         width, height = image.size
     if turn is not None and turn >= 5:  # 90-degree turns swap the axes
         width, height = height, width
-    return Plan(format=fmt, mode=mode, orientation=turn, geometry=plan_geometry(width, height, fmt, spec))
+    return Plan(format=fmt, mode=mode, orientation=turn, geometry=spec.plan(width, height, fmt))
 
 
 class AcceleratedPreprocessor:

@@ -68,11 +68,6 @@ def create(spec: PreprocessSpec, threads: int) -> CpuPreprocessor:
     return CpuPreprocessor(spec, threads)
 
 
-def plan_geometry(width: int, height: int, fmt: str, spec: PreprocessSpec) -> Geometry:
-    """The geometry of an oriented (width, height) image under the spec's mode (see geometry.py)."""
-    return spec.plan(width, height, fmt)
-
-
 class CpuPreprocessor:
     """Decodes and preprocesses a batch on CPU threads; output goes to `spec.device`."""
 
@@ -252,7 +247,7 @@ def _plan_oriented(
     `stored` (width, height)."""
     turn = orientation(image) or 1
     width, height = stored if turn < 5 else stored[::-1]  # 90-degree turns swap the axes
-    return turn, plan_geometry(width, height, fmt, spec)
+    return turn, spec.plan(width, height, fmt)
 
 
 def orientation(image: Image.Image) -> int | None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from archiver_scripts import samples
-from archiver_scripts.archive import build_archive
 from archiver_scripts.server import LOOPBACK, TorchServe
 from tests import models
 
@@ -78,17 +77,12 @@ def grpc_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc")
     store = root / "store"
     store.mkdir()
-    script = models.save_torchscript(models.make_model(), root / "tiny.pt")
     # a long batch delay: BATCH concurrent calls are sure to share one batch (a full batch goes at once)
-    build_archive("tiny", script, store, labels=models.write_labels(root), batch_size=BATCH,
-                  max_batch_delay=1000, config=["classifier.top_k=3"], log=lambda m: None)
-    ts = TorchServe(store, models=["tiny.mar"], workdir=root / "ts", env={"OMP_NUM_THREADS": "1"})
-    ts.start()
-    try:
+    models.build_tiny_archive("tiny", store, root, batch_size=BATCH, max_batch_delay=1000,
+                              config=["classifier.top_k=3"])
+    with TorchServe(store, models=["tiny.mar"], workdir=root / "ts", env={"OMP_NUM_THREADS": "1"}) as ts:
         ts.wait_ready(["tiny"], timeout=120)
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")

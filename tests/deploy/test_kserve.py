@@ -12,7 +12,6 @@ import requests
 import yaml
 
 from archiver_scripts import samples
-from archiver_scripts.archive import build_archive
 from archiver_scripts.cli import main as tsgpu
 from archiver_scripts.server import TorchServe, read_properties
 from tests import models
@@ -27,9 +26,7 @@ def layout(tmp_path_factory):
     root = tmp_path_factory.mktemp("kserve")
     store = root / "store"
     store.mkdir()
-    script = models.save_torchscript(models.make_model(), root / "tiny.pt")
-    build_archive("tiny", script, store, labels=models.write_labels(root), batch_size=8, max_batch_delay=5,
-                  config=["classifier.top_k=3"], log=lambda m: None)
+    models.build_tiny_archive("tiny", store, root, batch_size=8, max_batch_delay=5, config=["classifier.top_k=3"])
     out = root / "out"
     assert tsgpu(["kserve", "--model-store", str(store), "--output", str(out), "--gpus", "1"]) == 0
     return out
@@ -63,12 +60,9 @@ def served(layout, tmp_path_factory):
     ts = TorchServe(layout / "model-store", workdir=tmp_path_factory.mktemp("ks-ts"),
                     base_config=layout / "config" / "config.properties", env={"OMP_NUM_THREADS": "1"})
     del ts.properties["load_models"]  # the generated model_snapshot loads the models, as in KServe
-    ts.start()
-    try:
+    with ts:
         ts.wait_ready(["tiny"], timeout=120)
         yield ts
-    finally:
-        ts.stop()
 
 
 def _predict(ts, instances):
@@ -112,12 +106,9 @@ def served_v2(layout, tmp_path_factory):
     ts = TorchServe(out / "model-store", workdir=tmp_path_factory.mktemp("ks2-ts"),
                     base_config=out / "config" / "config.properties", env={"OMP_NUM_THREADS": "1"})
     del ts.properties["load_models"]
-    ts.start()
-    try:
+    with ts:
         ts.wait_ready(["tiny"], timeout=120)
         yield ts
-    finally:
-        ts.stop()
 
 
 def _input(name: str, b64: str) -> dict:

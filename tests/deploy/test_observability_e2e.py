@@ -26,7 +26,6 @@ import pytest
 import yaml
 
 from archiver_scripts import samples
-from archiver_scripts.archive import build_archive
 from archiver_scripts.server import LOOPBACK, TorchServe, free_port
 from tests import models
 
@@ -89,11 +88,8 @@ def stack(tmp_path_factory, prometheus_bin):
     root = tmp_path_factory.mktemp("obs")
     store = root / "store"
     store.mkdir()
-    model = models.make_model()
-    script = models.save_torchscript(model, root / "tiny.pt")
-    labels = models.write_labels(root)
-    build_archive("tiny", script, store, labels=labels, batch_size=4, max_batch_delay=5,
-                  config=["url.allowed_networks=[127.0.0.1/32]", "url.read_timeout=2"], log=lambda m: None)
+    models.build_tiny_archive("tiny", store, root, batch_size=4, max_batch_delay=5,
+                              config=["url.allowed_networks=[127.0.0.1/32]", "url.read_timeout=2"])
     ts = TorchServe(store, models=["tiny.mar"], workdir=root / "ts", env={"OMP_NUM_THREADS": "1"})
     ts.start()
     prom = log = None

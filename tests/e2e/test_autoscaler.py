@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from archiver_scripts.archive import build_archive
 from archiver_scripts.samples import encode, mosaic
 from archiver_scripts.server import TorchServe, free_port
 from autoscaler.torchserve import KeyFile, ManagementClient, TorchServeError
@@ -122,11 +121,8 @@ def exported(port: int) -> dict[str, float]:
 def store(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("as-build")
     store = tmp_path_factory.mktemp("as-store")
-    script = models.save_torchscript(models.make_model(), build / "tiny.pt")
-    labels = models.write_labels(build)
-    quiet = lambda message: None  # noqa: E731
-    build_archive("hi", script, store, labels=labels, batch_size=1, max_batch_delay=1, workers=1, log=quiet)
-    build_archive("lo", script, store, labels=labels, batch_size=1, max_batch_delay=1, workers=2, log=quiet)
+    models.build_tiny_archive("hi", store, build, batch_size=1, max_batch_delay=1, workers=1)
+    models.build_tiny_archive("lo", store, build, batch_size=1, max_batch_delay=1, workers=2)
     return store
 
 

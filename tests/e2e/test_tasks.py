@@ -58,12 +58,9 @@ def task_server(tmp_path_factory):
                   *common]) == 0
     ts = TorchServe(store, models=["detect.mar", "segment.mar", "embed.mar"], workdir=tmp_path_factory.mktemp("ts-tasks"),
                     env={"OMP_NUM_THREADS": "1"})
-    ts.start()
-    try:
+    with ts:
         ts.wait_ready(["detect", "segment", "embed"], timeout=240)
         yield ts
-    finally:
-        ts.stop()
 
 
 def _batch(server: TorchServe, model: str, bodies: list[bytes]) -> list[requests.Response]:

@@ -11,7 +11,6 @@ import torch
 
 import handlers
 from archiver_scripts import samples
-from archiver_scripts.archive import build_archive
 from archiver_scripts.cli import main
 from archiver_scripts.profile import (
     NOT_AVAILABLE, OTHER, Advice, Profile, ProfileError, Run, format_profile, parse_batch_sizes,
@@ -25,8 +24,7 @@ RECOMMENDATIONS = {"batchSize", "micro_batch", "decode_processes", "workers", "p
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     d = tmp_path_factory.mktemp("profile")
-    model = models.save_torchscript(models.make_model(), d / "tiny.pt")
-    mar = build_archive("tiny", model, d, labels=models.write_labels(d), batch_size=2, log=lambda m: None)
+    mar = models.build_tiny_archive("tiny", d, d, batch_size=2)
     images = d / "images"
     images.mkdir()
     for i in range(3):
