@@ -31,6 +31,8 @@ for module in nvidia.dali cvcuda nvidia.nvimgcodec torch_tensorrt tensorrt ts sk
 done
 
 step tests-gpu $PY -m pytest -q -rs -s -m gpu tests/unit
+# Issue 11: the pipeline's streams and the decode processes next to a GPU worker.
+step tests-gpu-pipeline $PY -m pytest -q -rs -s tests/unit/test_pipeline.py tests/unit/test_decode_pool.py
 # The GPU halves of the issue-14 fixes and the geometry modes, named so a failure is easy to find.
 step tests-gpu-defects $PY -m pytest -q -rs -s \
     tests/unit/test_gpu_path_defects.py::test_dali_copy_is_complete_before_the_next_run_on_gpu \

@@ -31,7 +31,8 @@ from .config import HandlerConfig, load_handler_config, with_task_defaults
 from .errors import ConfigError, ModelLoadError, RequestError
 from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
-from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
+from .pipeline import Pipeline, plan_threads
+from .preprocess import Batch, Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
 from .stages import DECODE, FETCH, FORWARD, POSTPROCESS, READ, StageClock, StageTimer
 from .tables import TableStage, load_table_stage
@@ -72,6 +73,7 @@ class VisionHandler(BaseHandler):
         self._trimmer = MemoryTrimmer(0)
         self._heap_report = HeapReport()
         self._stages = StageClock()  # per-stage metrics (handlers/stages.py)
+        self._pipeline: Pipeline | None = None  # handler.pipeline.micro_batch > 0 (handlers/pipeline.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -89,7 +91,11 @@ class VisionHandler(BaseHandler):
 
         self.device = select_device(properties.get("gpu_id"))
         self.map_location = self.device.type
-        threads = cpu_threads_per_worker(self.config.threads, yaml_config)
+        pipeline = self.config.pipeline
+        threads, decode_threads = plan_threads(
+            cpu_threads_per_worker(0, yaml_config), pipeline.micro_batch, pipeline.decode_processes,
+            self.config.threads, self.config.preprocess.decode_threads,
+        )
         apply_torch_threads(threads)
 
         self.backbone = load_backbone(self.model_dir, self._model_file(), self.config.model, self.device)
@@ -108,8 +114,15 @@ class VisionHandler(BaseHandler):
         if spec.dtype != self.backbone.dtype:
             logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
             spec = dataclasses.replace(spec, dtype=self.backbone.dtype)
-        decode_threads = self.config.preprocess.decode_threads or threads
-        self.preprocessor = create_preprocessor(self.config.preprocess.backend, spec, decode_threads)
+        self.preprocessor = create_preprocessor(
+            self.config.preprocess.backend, spec, decode_threads, pipeline.decode_processes,
+            pipeline.decode_timeout_s,
+        )
+        if pipeline.micro_batch > 0:
+            self._pipeline = Pipeline(
+                pipeline.micro_batch, self.device, self._read_all, self._preprocess,
+                self._timed_forward, self.postprocess,
+            )
         self.load_assets(self.model_dir)
         self._table = load_table_stage(self.config.table, self.model_dir, self.device.type)
         self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
@@ -122,10 +135,11 @@ class VisionHandler(BaseHandler):
         gc.freeze()
         self.initialized = True
         logger.info(
-            "ready: %s, preprocess=%s (%d decode threads), torch threads=%d, batch size %d, "
-            "handlers from %s, %.1fs",
-            self.backbone.describe(), self.preprocessor.name, decode_threads, threads,
-            self.batch_size, Path(__file__).parent, time.perf_counter() - started,
+            "ready: %s, preprocess=%s (%d decode threads, %d decode processes), torch threads=%d, "
+            "batch size %d, micro-batch %s, handlers from %s, %.1fs",
+            self.backbone.describe(), self.preprocessor.name, decode_threads, pipeline.decode_processes,
+            threads, self.batch_size, pipeline.micro_batch or "off", Path(__file__).parent,
+            time.perf_counter() - started,
         )
 
     def _check_input_size(self, spec: PreprocessSpec) -> None:
@@ -178,6 +192,23 @@ class VisionHandler(BaseHandler):
         timer = self._stages.begin(len(data))
         self.context = context
         n = len(data)
+        if self._pipeline is not None and n > self._pipeline.micro_batch:
+            results, errors, fallbacks = self._pipeline.run(data, timer)
+        else:
+            results, errors, fallbacks = self._run_stages(data, timer)
+
+        if _called_by_envelope():
+            responses = self._respond_enveloped(results, errors, context)
+        else:
+            responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
+        self._report(context, timer, errors, fallbacks)
+        self._trimmer.maybe_trim()
+        self._heap_report.maybe_report()
+        return responses
+
+    def _run_stages(self, data: list[Any], timer: StageTimer) -> tuple[list[Any], list[RequestError | None], int]:
+        """The unpipelined path: (results, errors, fallbacks) per row, each stage once for the batch."""
+        n = len(data)
         errors: list[RequestError | None] = [None] * n
         results: list[Any] = [None] * n
         fallbacks = 0  # items an accelerated preprocess backend sent to the CPU path
@@ -192,18 +223,14 @@ class VisionHandler(BaseHandler):
                 owners.append(i)
 
         if encoded:
-            assert self.preprocessor is not None
-            before = getattr(self.preprocessor, "fallback_items", 0)
             with timer.stage(DECODE):
-                batch = self.preprocessor.run(encoded)
-            fallbacks = getattr(self.preprocessor, "fallback_items", 0) - before
+                batch, fallbacks = self._preprocess(encoded)
             for k, err in enumerate(batch.errors):
                 if err is not None:
                     errors[owners[k]] = err
             if batch.rows:
                 with torch.inference_mode():
-                    with self._stages.forward(timer, self.device):
-                        outputs = self.forward(batch.tensor)
+                    outputs = self._timed_forward(batch.tensor, timer)
                     with timer.stage(POSTPROCESS):
                         item_results = self.postprocess(outputs, [batch.geometry[r] for r in batch.rows])
                 for r, result in zip(batch.rows, item_results, strict=True):
@@ -211,21 +238,25 @@ class VisionHandler(BaseHandler):
                         errors[owners[r]] = result
                     else:
                         results[owners[r]] = result
+        return results, errors, fallbacks
 
-        if _called_by_envelope():
-            responses = self._respond_enveloped(results, errors, context)
-        else:
-            responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
-        self._report(context, timer, errors, fallbacks)
-        self._trimmer.maybe_trim()
-        self._heap_report.maybe_report()
-        return responses
+    def _preprocess(self, encoded: list[bytes]) -> tuple[Batch, int]:
+        """The backend's batch for `encoded`, and how many items it sent to its CPU fallback."""
+        assert self.preprocessor is not None
+        before = getattr(self.preprocessor, "fallback_items", 0)
+        batch = self.preprocessor.run(encoded)
+        return batch, getattr(self.preprocessor, "fallback_items", 0) - before
 
-    def _read_all(self, data: list[Any], timer: StageTimer) -> list[bytes | RequestError]:
-        """Every row's bytes or error; URL items of the batch are downloaded concurrently."""
+    def _timed_forward(self, x: torch.Tensor, timer: StageTimer) -> Any:
+        with self._stages.forward(timer, self.device):
+            return self.forward(x)
+
+    def _read_all(self, data: list[Any], timer: StageTimer, start: int = 0) -> list[bytes | RequestError]:
+        """Every row's bytes or error; URL items are downloaded concurrently. `start` is the batch
+        index of data[0] (the pipeline reads one micro-batch at a time)."""
         items: list[bytes | UrlInput | RequestError] = []
         with timer.stage(READ):
-            for i, row in enumerate(data):
+            for i, row in enumerate(data, start):
                 try:
                     items.append(self.read_input(row, i))
                 except RequestError as err:

@@ -242,6 +242,29 @@ class TableConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """handlers/pipeline.py: overlapped stages inside one worker, and decoding in processes."""
+
+    micro_batch: int = 0
+    """Split each TorchServe batch into micro-batches of this many items and overlap their stages
+    (read/fetch/decode/upload of k+1 while k runs forward/postprocess); 0 = off (one pass)."""
+    decode_processes: int = 0
+    """CPU decoding (the cpu backend and the GPU backends' CPU fallbacks) in this many processes
+    writing into shared memory; 0 = decode threads inside the worker."""
+    decode_timeout_s: float = 30.0
+    """A decode process that takes longer than this on one item is killed and replaced; the item is
+    retried once in a fresh process, then answered 400."""
+
+    def validate(self, path: str) -> None:
+        if self.micro_batch < 0:
+            raise ConfigError(f"{path}.micro_batch: must be >= 0 (0 = off), got {self.micro_batch}")
+        if self.decode_processes < 0:
+            raise ConfigError(f"{path}.decode_processes: must be >= 0 (0 = threads), got {self.decode_processes}")
+        if self.decode_timeout_s <= 0:
+            raise ConfigError(f"{path}.decode_timeout_s: must be > 0 seconds, got {self.decode_timeout_s}")
+
+
+@dataclass(frozen=True)
 class HandlerConfig:
     """The whole `handler:` section of model-config.yaml."""
 
@@ -258,6 +281,7 @@ class HandlerConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     table: TableConfig = field(default_factory=TableConfig)
     url: UrlConfig = field(default_factory=UrlConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self, path: str) -> None:
         if self.threads < 0:

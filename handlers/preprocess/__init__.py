@@ -4,13 +4,16 @@ Every backend module (`cpu`, `torchvision_gpu`, `dali`, `cvcuda`) exposes the sa
 
     NAME: str
     availability(device) -> str | None     # None when usable, else why not (with an install hint)
-    create(spec, threads) -> Preprocessor  # an object with run(items) -> Batch and close()
+    create(spec, threads, processes=0, decode_timeout_s=30.0) -> Preprocessor
+                                           # an object with run(items) -> Batch and close()
 
 and meets the same numerical contract against the CPU reference for each geometry mode
 (`geometry.py`): center_crop = torchvision's Resize(resize_size, antialias=True) ->
 CenterCrop(input) -> ToTensor -> Normalize; letterbox and stretch = Pillow's antialiased resize of
 the whole image to the planned size, pasted on a pad_value canvas for letterbox.
 `create_preprocessor(name, spec, threads)` picks one; `auto` takes the best available on the device.
+`processes` > 0 (handler.pipeline.decode_processes) runs the CPU decoding (the `cpu` backend, the
+others' CPU fallbacks) in that many decode processes (decode_pool.py) instead of `threads`.
 """
 
 from __future__ import annotations
@@ -168,6 +171,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
     raise ConfigError("handler.preprocess.backend: no preprocess backend is available")
 
 
-def create_preprocessor(name: str, spec: PreprocessSpec, threads: int) -> Preprocessor:
+def create_preprocessor(
+    name: str, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+) -> Preprocessor:
+    """The preprocessor of backend `name` (or `auto`): CPU decoding on `threads` threads, or in
+    `processes` decode processes (each item given `decode_timeout_s` before its process is killed)."""
     chosen = resolve_backend(name, spec.device)
-    return backend_module(chosen).create(spec, threads)
+    return backend_module(chosen).create(spec, threads, processes, decode_timeout_s)

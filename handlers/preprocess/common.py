@@ -70,10 +70,13 @@ class AcceleratedPreprocessor:
     ACCEPTED: dict[str, tuple[str, ...]] = {}
     """Format -> the Pillow modes of it that the backend's decoder turns into RGB like Pillow."""
 
-    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
+    def __init__(
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+    ) -> None:
         self.spec = spec
         self.normalise = Normaliser(spec)
-        self.fallback = CpuPreprocessor(spec, threads)
+        # The CPU path decodes in threads, or in decode processes (handler.pipeline.decode_processes).
+        self.fallback = CpuPreprocessor(spec, threads, processes, decode_timeout_s)
         self.fallback_items = 0  # items that took the CPU path (tests and logs read it)
         self.failed_batches = 0  # batches the backend failed as a whole
 

@@ -1,6 +1,9 @@
 """CPU preprocess backend: Pillow decode, fused resize+crop, vectorised normalise.
 
-The fast path, per item (threads decode the items of a batch in parallel; Pillow releases the GIL):
+The fast path, per item (pillow_decode.py, torch-free): threads decode the items of a batch in
+parallel (Pillow releases the GIL), or with `processes` (handler.pipeline.decode_processes) a pool
+of decode processes does, writing into shared memory that becomes this backend's buffer
+(decode_pool.py):
   1. open with an allow-list of formats; refuse oversized images from the header, before decoding;
   2. JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling) when the image is
      much larger than needed, keeping at least `draft_min_ratio` source pixels per output pixel;
@@ -18,7 +21,6 @@ it (the default) the mean absolute difference stays under 0.02 and the max under
 
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,37 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
+from ..errors import RequestError
 from . import Batch, Geometry, Normaliser, PreprocessSpec
-from .geometry import ceil_size, draft_scale
+# The per-item decode lives in pillow_decode.py (torch-free, for decode processes); re-exported here.
+from .pillow_decode import ACCEPTED_FORMATS, DecodeSpec, decode_into, decode_spec, open_image, orientation  # noqa: F401
+from .pillow_decode import _ORIENTATION, _RESAMPLE, _decode_checked, _plan_oriented, _to_rgb  # noqa: F401
 
 NAME = "cpu"
 logger = logging.getLogger(__name__)
-
-# Formats accepted from clients. An allow-list keeps Pillow from trying every plugin it has on
-# hostile bytes (EPS, for one, would run Ghostscript). The JPEG opener also returns MPO files (the
-# multi-picture JPEG variant many phones write), reported with format "MPO".
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-_RESAMPLE = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-# EXIF orientation tag value -> the transpose that undoes it (as PIL.ImageOps.exif_transpose).
-_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_EXIF_ORIENTATION_TAG = 0x0112
-# "Exif\0\0" + an 8-byte TIFF header + an empty IFD (2-byte count, 4-byte next offset).
-_EMPTY_EXIF_BYTES = 6 + 8 + 6
 
 
 def availability(device: torch.device) -> str | None:
@@ -64,20 +43,23 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int) -> CpuPreprocessor:
-    return CpuPreprocessor(spec, threads)
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> CpuPreprocessor:
+    return CpuPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
 class CpuPreprocessor:
-    """Decodes and preprocesses a batch on CPU threads; output goes to `spec.device`."""
+    """Decodes and preprocesses a batch on CPU threads, or in `processes` decode processes
+    (decode_pool.py, handler.pipeline.decode_processes); output goes to `spec.device`."""
 
     name = NAME
 
-    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
+    def __init__(
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+    ) -> None:
         Image.init()  # register every format plugin now; open(formats=...) does not load them itself
         self.spec = spec
         self.threads = max(1, threads)
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode") if self.threads > 1 else None
+        self.processes = max(0, processes)
         self._resample = _RESAMPLE[spec.interpolation]
         self._normaliser = Normaliser(spec, spec.dtype)  # constants in the output dtype
         self._buffer = torch.empty((0, *spec.size, 3), dtype=torch.uint8)
@@ -85,21 +67,30 @@ class CpuPreprocessor:
         # an event marks when the last upload has read it, before the next batch overwrites it.
         self._pinned = spec.device.type == "cuda"
         self._uploaded: torch.cuda.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._decoders = None
+        if self.processes:
+            from .decode_pool import DecodePool
+
+            self._decoders = DecodePool(decode_spec(spec), self.processes, spec.max_batch, decode_timeout_s)
+        elif self.threads > 1:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+        # Process mode: `_buffer` wraps the pool's shared frames (`_frames`); on a GPU worker they
+        # are page-locked with cudaHostRegister (`_registered`), else copied into `_staging`.
+        self._frames: np.ndarray | None = None
+        self._registered: int | None = None
+        self._staging: torch.Tensor | None = None
 
     # -- public interface ------------------------------------------------------------------------
 
     def run(self, items: list[bytes]) -> Batch:
         n = len(items)
         buffer = self._ensure_buffer(n)
-        slots = buffer.numpy()
-
-        def work(i: int) -> Geometry | RequestError:
-            try:
-                return decode_into(items[i], self.spec, self._resample, slots[i])
-            except RequestError as err:
-                return err.detach()
-
-        results = list(self._pool.map(work, range(n))) if self._pool and n > 1 else [work(i) for i in range(n)]
+        if self._decoders is not None:
+            results = self._decoders.decode(items)
+            buffer = self._stage(buffer, n)
+        else:
+            results = self._decode_in_threads(items, buffer.numpy())
 
         geometry: list[Geometry | None] = [r if isinstance(r, Geometry) else None for r in results]
         errors: list[RequestError | None] = [r if isinstance(r, RequestError) else None for r in results]
@@ -111,18 +102,67 @@ class CpuPreprocessor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._decoders is not None:
+            self._unregister()
+            self._buffer = torch.empty((0, *self.spec.size, 3), dtype=torch.uint8)
+            self._frames = None
+            self._decoders.close()
+            self._decoders = None
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _decode_in_threads(self, items: list[bytes], slots: np.ndarray) -> list[Geometry | RequestError]:
+        def work(i: int) -> Geometry | RequestError:
+            try:
+                return decode_into(items[i], self.spec, self._resample, slots[i])
+            except RequestError as err:
+                return err.detach()
+
+        n = len(items)
+        return list(self._pool.map(work, range(n))) if self._pool and n > 1 else [work(i) for i in range(n)]
 
     def _ensure_buffer(self, n: int) -> torch.Tensor:
         if self._uploaded is not None:
             self._uploaded.synchronize()
             self._uploaded = None
+        if self._decoders is not None:
+            frames = self._decoders.reserve(n)
+            if frames is not self._frames:
+                self._adopt(frames)
+            return self._buffer
         if self._buffer.shape[0] < n:
             # Reused across batches: the tensor handed on is a new allocation, so the next batch
             # may overwrite this one once its upload (if any) has completed.
             self._buffer = torch.empty((n, *self.spec.size, 3), dtype=torch.uint8, pin_memory=self._pinned)
         return self._buffer
+
+    def _adopt(self, frames: np.ndarray) -> None:
+        """Use the decode pool's shared frames as the buffer, without a copy."""
+        self._unregister()
+        self._frames = frames
+        self._buffer = torch.from_numpy(frames)
+        if self._pinned:
+            self._registered = _page_lock(frames)
+            if self._registered is None and self._staging is None:
+                logger.warning(
+                    "cudaHostRegister failed on the decode processes' shared frames; uploads take "
+                    "an extra host copy into a pinned buffer"
+                )
+
+    def _stage(self, buffer: torch.Tensor, n: int) -> torch.Tensor:
+        """The buffer `_normalise` uploads from: the shared frames themselves, or (on a GPU worker
+        where they could not be page-locked) a pinned copy of the first n."""
+        if not self._pinned or self._registered is not None:
+            return buffer
+        if self._staging is None or self._staging.shape[0] < n:
+            self._staging = torch.empty((buffer.shape[0], *self.spec.size, 3), dtype=torch.uint8, pin_memory=True)
+        self._staging[:n].copy_(buffer[:n])
+        return self._staging
+
+    def _unregister(self) -> None:
+        if self._registered is not None:
+            _page_unlock(self._registered)
+            self._registered = None
 
     def _normalise(self, buffer: torch.Tensor, rows: list[int]) -> torch.Tensor:
         n = len(rows)
@@ -145,144 +185,26 @@ class CpuPreprocessor:
         return self._normaliser(x)
 
 
+def _page_lock(frames: np.ndarray) -> int | None:
+    """cudaHostRegister the shared frames so uploads from them are async DMAs; their address, or
+    None when CUDA refuses. UNVERIFIED: written without a GPU (no test has run it on one)."""
+    try:
+        address = frames.ctypes.data
+        if int(torch.cuda.cudart().cudaHostRegister(address, frames.nbytes, 0)) == 0:
+            return address
+    except Exception as exc:  # no CUDA runtime binding, or a driver that refuses the mapping
+        logger.debug("cudaHostRegister failed: %s", exc)
+    return None
+
+
+def _page_unlock(address: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(address)
+    except Exception as exc:
+        logger.debug("cudaHostUnregister failed: %s", exc)
+
+
 def upload(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Asynchronous host-to-device copy of a pinned, contiguous tensor (a DMA the caller must not
     overwrite before the current stream has passed it)."""
     return pinned.to(device, non_blocking=True)
-
-
-def open_image(data: bytes, spec: PreprocessSpec) -> Image.Image:
-    """Open (not decode) an encoded image and check its header against the spec's limits.
-
-    Raises a RequestError subclass for anything wrong with the bytes: 400 empty, 415 not an accepted
-    format, 413 too many pixels.
-    """
-    if not data:
-        raise InvalidInput("empty image: the request carried no bytes")
-    try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(
-            f"image has too many pixels ({exc}); this model accepts at most "
-            f"{spec.max_image_pixels} (handler.preprocess.max_image_pixels)"
-        ) from None
-    except Exception as exc:  # Pillow raises many types for unrecognised bytes
-        raise UnsupportedMediaType(
-            f"not a supported image format ({len(data)} bytes starting {data[:8]!r}); "
-            f"accepted: JPEG, PNG, WebP, GIF, BMP, TIFF"
-        ) from exc
-    fmt = image.format or ""
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        image.close()
-        raise InvalidInput(f"{fmt} image has an empty size {width}x{height}")
-    if width * height > spec.max_image_pixels:
-        image.close()
-        raise PayloadTooLarge(
-            f"{fmt} image is {width}x{height} = {width * height} pixels; this model accepts "
-            f"at most {spec.max_image_pixels} (handler.preprocess.max_image_pixels)"
-        )
-    return image
-
-
-def decode_into(data: bytes, spec: PreprocessSpec, resample: int, out: np.ndarray) -> Geometry:
-    """Decode one encoded image and write its preprocessed crop (H, W, 3 uint8) into `out`.
-
-    Raises a RequestError subclass for anything wrong with the bytes; never anything else for bad
-    input (the fuzz tests hold it to that).
-    """
-    with open_image(data, spec) as image:
-        fmt = image.format or ""
-        try:
-            return _decode_checked(image, fmt, spec, resample, out)
-        except RequestError:
-            raise
-        except Image.DecompressionBombError as exc:
-            raise PayloadTooLarge(f"image has too many pixels: {exc}") from None
-        except Exception as exc:
-            raise InvalidInput(f"could not decode {fmt or 'image'} data: {exc}") from exc
-
-
-def _decode_checked(
-    image: Image.Image, fmt: str, spec: PreprocessSpec, resample: int, out: np.ndarray
-) -> Geometry:
-    stored = image.size  # full resolution, as stored (draft decoding makes image.size smaller)
-    content: tuple[float, float] = stored  # the original's extent in decoded pixels
-    if spec.jpeg_draft and fmt in ("JPEG", "MPO"):
-        # A JPEG's EXIF is parsed at open, so the plan (and the draft scale) can precede decoding.
-        scale = draft_scale(_plan_oriented(image, stored, fmt, spec)[1], spec.draft_min_ratio)
-        if scale < 0.5:  # libjpeg can reduce by 2, 4 or 8 at least; draft picks the largest that fits
-            drafted = image.draft(image.mode, ceil_size(*image.size, scale))
-            if drafted is not None:
-                # libjpeg rounds the reduced size up (3001 / 4 -> 751 pixels): the original ends at
-                # 750.25, which is what draft reports; scaling by the rounded size would squeeze
-                # the content by up to one decoded pixel towards the right and bottom.
-                content = (drafted[1][2], drafted[1][3])
-    # Orientation after load: for other formats Pillow's getexif() may load the image itself and
-    # swallow a decoding error, which load() must report.
-    image.load()
-    turn, geometry = _plan_oriented(image, stored, fmt, spec)
-    if turn in _ORIENTATION:
-        image = image.transpose(_ORIENTATION[turn])
-        if turn >= 5:
-            content = (content[1], content[0])
-    image = _to_rgb(image)
-
-    # Resize only the region the model sees, straight to its size in the model input. The decoded
-    # image may be smaller than the original (draft): take the region in its pixels.
-    left, top, right, bottom = geometry.target
-    resized = image.resize((right - left, bottom - top), resample, box=geometry.source_in(content))
-    if geometry.target == (0, 0, *geometry.input_size):
-        out[...] = np.asarray(resized)
-    else:
-        out[...] = spec.pad_value
-        out[top:bottom, left:right] = np.asarray(resized)
-    return geometry
-
-
-def _plan_oriented(
-    image: Image.Image, stored: tuple[int, int], fmt: str, spec: PreprocessSpec
-) -> tuple[int, Geometry]:
-    """The EXIF orientation (unreadable = as stored) and the geometry of the upright image of the
-    `stored` (width, height)."""
-    turn = orientation(image) or 1
-    width, height = stored if turn < 5 else stored[::-1]  # 90-degree turns swap the axes
-    return turn, spec.plan(width, height, fmt)
-
-
-def orientation(image: Image.Image) -> int | None:
-    """The EXIF orientation (1..8) of an opened image: 1 when it has no EXIF block or no tag, None
-    when it has an EXIF block that Pillow cannot read or an orientation outside 1..8.
-
-    None matters to the GPU decoders, which parse EXIF themselves and may still find a rotation:
-    such items take the CPU path (common.py), where the image is used as stored (1)."""
-    raw = image.info.get("exif")
-    try:
-        exif = image.getexif()
-        turn = exif.get(_EXIF_ORIENTATION_TAG)
-    except Exception:  # a broken EXIF block is no reason to refuse the picture
-        return None
-    if turn is None:
-        # Pillow answers an empty mapping for a block it could not parse: unreadable, unless the
-        # block really holds nothing beyond its TIFF header.
-        return None if raw and len(exif) == 0 and len(raw) > _EMPTY_EXIF_BYTES else 1
-    try:
-        turn = int(turn)
-    except (TypeError, ValueError):
-        return None
-    return turn if 1 <= turn <= 8 else None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # Pillow's convert() clips high-bit-depth values at 255; scale them down instead.
-        arr = np.asarray(image)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        gray = np.clip(arr.astype(np.float32) * (255.0 / peak), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    # L, LA, P, PA, RGBA, CMYK, YCbCr, 1...: Pillow converts (alpha dropped, as torchvision's
-    # reference `convert("RGB")` does).
-    return image.convert("RGB")

@@ -38,16 +38,18 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int) -> CvcudaPreprocessor:
-    return CvcudaPreprocessor(spec, threads)
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> CvcudaPreprocessor:
+    return CvcudaPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
 class CvcudaPreprocessor(AcceleratedPreprocessor):
     name = NAME
     ACCEPTED = _ACCEPTED
 
-    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
-        super().__init__(spec, threads)
+    def __init__(
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(spec, threads, processes, decode_timeout_s)
         reason = availability(spec.device)
         if reason:
             raise ImportError(reason)

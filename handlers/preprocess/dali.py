@@ -69,8 +69,8 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int) -> DaliPreprocessor:
-    return DaliPreprocessor(spec, threads)
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> DaliPreprocessor:
+    return DaliPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
 class DaliPreprocessor(AcceleratedPreprocessor):
@@ -79,8 +79,10 @@ class DaliPreprocessor(AcceleratedPreprocessor):
     MAX_REBUILDS = 4
     COLLECT_EVERY = 16
 
-    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
-        super().__init__(spec, threads)
+    def __init__(
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(spec, threads, processes, decode_timeout_s)
         reason = availability(spec.device)
         if reason:
             raise ImportError(reason)

@@ -44,8 +44,8 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int) -> TorchvisionPreprocessor:
-    return TorchvisionPreprocessor(spec, threads)
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> TorchvisionPreprocessor:
+    return TorchvisionPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
 def orient(image: torch.Tensor, turn: int) -> torch.Tensor:
@@ -71,8 +71,10 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
     name = NAME
     ACCEPTED = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L")}  # orientation is applied in `orient`
 
-    def __init__(self, spec: PreprocessSpec, threads: int) -> None:
-        super().__init__(spec, threads)
+    def __init__(
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+    ) -> None:
+        super().__init__(spec, threads, processes, decode_timeout_s)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         self._decode_jpeg = decode_jpeg

@@ -1,0 +1,272 @@
+"""The in-worker pipeline: one TorchServe batch as overlapped micro-batches.
+
+With `handler.pipeline.micro_batch: m` (> 0) `VisionHandler.handle` splits a batch of N requests into
+micro-batches of m rows and runs them through three stages on three threads, so that while
+micro-batch k runs its forward, k+1 is being read, fetched, decoded and uploaded and k-1 is being
+post-processed:
+
+    producer thread     read + fetch(k+1) -> preprocess.run(k+1)   [upload stream]  --queue(1)-->
+    caller thread       forward(k)                                  [model's stream]  -->
+    postprocess thread  postprocess(k-1)                            [postprocess stream]
+
+Contract (tests/unit/test_pipeline.py): per-item errors, response order and results are those of the
+unpipelined path. Only the batch the model sees changes (m rows instead of N): a kernel whose
+arithmetic depends on the batch size may round the last bits differently; the tests hold the
+results to the unpipelined ones at the same micro-batch exactly and to the whole batch within 1e-5.
+
+On a GPU each stage issues its work on its own CUDA stream and the stages are ordered by events
+(upload -> forward -> postprocess), never by `torch.cuda.synchronize`: the forward stream waits on
+the upload's event, the postprocess stream on the forward's; tensors handed across streams are
+marked with `record_stream` so the caching allocator does not reuse them early. The preprocess
+backends' pinned host buffers are reused across micro-batches (each backend waits for its previous
+upload before overwriting them). On a CPU the same threads overlap the stages; `plan_threads` sizes
+torch's intra-op pool and the decode threads so that together they fit the worker's CPU share.
+
+Why not TorchServe's `ts.handler_utils.micro_batching.MicroBatching`: it runs each stage
+(preprocess, inference, postprocess) over *whole items* through queues of single micro-batches and
+reassembles outputs by position, with no notion of an item failing inside a stage: a RequestError
+for one item would fail its micro-batch (or be lost), and its stages take no CUDA streams. Our
+preprocess returns fewer rows than items (failed items) with their own errors, which must be
+carried beside the tensor to keep per-item statuses and order; the three stages here do that.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import RequestError
+from .stages import DECODE, POSTPROCESS, StageTimer
+
+logger = logging.getLogger(__name__)
+
+_QUEUE_POLL_S = 0.05  # how often a blocked stage checks whether the batch was abandoned
+
+
+def plan_threads(share: int, micro_batch: int, decode_processes: int, threads: int = 0,
+                 decode_threads: int = 0) -> tuple[int, int]:
+    """(torch intra-op threads, decode threads) for a worker with `share` CPUs.
+
+    Unpipelined, decode and forward take turns, so each may use the whole share. Pipelined, they run
+    at the same time: decode processes take `decode_processes` CPUs and torch the rest; decode
+    threads and torch split the share. `threads` / `decode_threads` (the user's
+    handler.threads / handler.preprocess.decode_threads) win when set (> 0).
+    """
+    share = max(1, share)
+    if micro_batch <= 0:
+        torch_threads = threads or share
+        return torch_threads, decode_threads or torch_threads
+    if decode_processes > 0:
+        torch_threads = threads or max(1, share - decode_processes)
+        return torch_threads, decode_threads or max(1, share - torch_threads)
+    torch_threads = threads or max(1, share // 2)
+    return torch_threads, decode_threads or max(1, share - torch_threads)
+
+
+@dataclass
+class Produced:
+    """One micro-batch after the producer: its rows' results so far and the preprocessed batch."""
+
+    owners: list[int]  # input index of each encoded item
+    batch: Any = None  # preprocess Batch, or None when no item of the chunk reached the decoder
+    ready: Any = None  # CUDA event after the upload (GPU), else None
+    fallbacks: int = 0
+    read_errors: dict[int, RequestError] = field(default_factory=dict)
+
+
+class _Abandoned(Exception):
+    """The batch failed in another stage; the producer stops early."""
+
+
+class Pipeline:
+    """Runs `handle`'s stages over micro-batches on three threads (see the module docstring).
+
+    `read` maps (rows, first index) to bytes-or-RequestError per row, `preprocess` runs the backend
+    on encoded bytes, `forward` and `postprocess` are the handler's hooks. One Pipeline per handler;
+    `run` is called by one thread at a time (TorchServe's worker thread).
+    """
+
+    def __init__(
+        self, micro_batch: int, device: torch.device,
+        read: Callable[[list[Any], StageTimer, int], list[Any]],
+        preprocess: Callable[[list[bytes]], tuple[Any, int]],
+        forward: Callable[[torch.Tensor, StageTimer], Any],
+        postprocess: Callable[[Any, list[Any]], list[Any]],
+    ) -> None:
+        self.micro_batch = micro_batch
+        self.device = device
+        self._read, self._preprocess = read, preprocess
+        self._forward, self._postprocess = forward, postprocess
+        self._producer = ThreadPoolExecutor(1, thread_name_prefix="pipeline-produce")
+        self._post = ThreadPoolExecutor(1, thread_name_prefix="pipeline-post")
+        self._cuda = device.type == "cuda"
+        self._upload_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._post_stream = torch.cuda.Stream(device) if self._cuda else None
+
+    def close(self) -> None:
+        self._producer.shutdown(wait=True)
+        self._post.shutdown(wait=True)
+
+    # -- one TorchServe batch --------------------------------------------------------------------
+
+    def run(self, data: list[Any], timer: StageTimer) -> tuple[list[Any], list[RequestError | None], int]:
+        """(results, errors, fallbacks) per input row, as the unpipelined path computes them."""
+        n = len(data)
+        results: list[Any] = [None] * n
+        errors: list[RequestError | None] = [None] * n
+        chunks = [(start, min(n, start + self.micro_batch)) for start in range(0, n, self.micro_batch)]
+        handoff: queue.Queue[Produced | BaseException | None] = queue.Queue(maxsize=1)
+        abandoned = threading.Event()
+        producing = self._producer.submit(self._produce, data, chunks, timer, handoff, abandoned)
+        pending: list[tuple[Produced, Future | None]] = []
+        fallbacks = 0
+        try:
+            while True:
+                item = self._take(handoff, producing)
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                fallbacks += item.fallbacks
+                pending.append((item, self._run_forward(item, timer)))
+            for produced, post in pending:
+                self._collect(produced, post.result() if post is not None else None, results, errors)
+        except BaseException:
+            abandoned.set()
+            raise
+        finally:
+            producing.exception()  # the producer has stopped before the next batch may use the backend
+            for _, post in pending:
+                if post is not None:
+                    post.exception()
+        return results, errors, fallbacks
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _produce(self, data: list[Any], chunks: list[tuple[int, int]], timer: StageTimer,
+                 handoff: queue.Queue, abandoned: threading.Event) -> None:
+        try:
+            with self._on(self._upload_stream):
+                for start, stop in chunks:
+                    if abandoned.is_set():
+                        return
+                    self._put(handoff, self._produce_one(data[start:stop], start, timer), abandoned)
+            self._put(handoff, None, abandoned)
+        except _Abandoned:
+            return
+        except BaseException as exc:  # handed to the caller, which raises it
+            try:
+                self._put(handoff, exc, abandoned)
+            except _Abandoned:
+                pass
+
+    def _produce_one(self, rows: list[Any], start: int, timer: StageTimer) -> Produced:
+        produced = Produced(owners=[])
+        encoded: list[bytes] = []
+        for k, item in enumerate(self._read(rows, timer, start)):
+            if isinstance(item, RequestError):
+                produced.read_errors[start + k] = item
+            else:
+                encoded.append(item)
+                produced.owners.append(start + k)
+        if encoded:
+            with timer.stage(DECODE):
+                produced.batch, produced.fallbacks = self._preprocess(encoded)
+                if self._cuda and produced.batch.rows:
+                    produced.ready = torch.cuda.Event()
+                    produced.ready.record(self._upload_stream)
+        return produced
+
+    def _run_forward(self, produced: Produced, timer: StageTimer) -> Future | None:
+        batch = produced.batch
+        if batch is None or not batch.rows:
+            return None
+        tensor = batch.tensor
+        forwarded = None
+        if self._cuda:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(produced.ready)
+            tensor.record_stream(compute)  # allocated on the upload stream, read on this one
+        with torch.inference_mode():
+            outputs = self._forward(tensor, timer)
+        if self._cuda:
+            forwarded = torch.cuda.Event()
+            forwarded.record(compute)
+            for t in _tensors(outputs):
+                if t.is_cuda:
+                    t.record_stream(self._post_stream)
+        geometry = [batch.geometry[r] for r in batch.rows]
+        return self._post.submit(self._run_postprocess, outputs, geometry, forwarded, timer)
+
+    def _run_postprocess(self, outputs: Any, geometry: list[Any], forwarded: Any, timer: StageTimer) -> list[Any]:
+        with self._on(self._post_stream):
+            if forwarded is not None:
+                self._post_stream.wait_event(forwarded)
+            with torch.inference_mode(), timer.stage(POSTPROCESS):
+                return self._postprocess(outputs, geometry)
+
+    @staticmethod
+    def _collect(produced: Produced, item_results: list[Any] | None, results: list[Any],
+                 errors: list[RequestError | None]) -> None:
+        for i, err in produced.read_errors.items():
+            errors[i] = err
+        batch = produced.batch
+        if batch is None:
+            return
+        for k, err in enumerate(batch.errors):
+            if err is not None:
+                errors[produced.owners[k]] = err
+        for r, result in zip(batch.rows, item_results or [], strict=True):
+            if isinstance(result, RequestError):
+                errors[produced.owners[r]] = result
+            else:
+                results[produced.owners[r]] = result
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _take(handoff: queue.Queue, producing: Future) -> Any:
+        while True:
+            try:
+                return handoff.get(timeout=_QUEUE_POLL_S)
+            except queue.Empty:
+                if producing.done() and handoff.empty():
+                    # The producer ended without a last message: only if it was abandoned, which
+                    # the caller did not do, or it died in a way _produce could not report.
+                    exc = producing.exception()
+                    raise RuntimeError("the pipeline's producer stopped early") from exc
+
+    @staticmethod
+    def _put(handoff: queue.Queue, item: Any, abandoned: threading.Event) -> None:
+        while True:
+            if abandoned.is_set():
+                raise _Abandoned
+            try:
+                handoff.put(item, timeout=_QUEUE_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    @staticmethod
+    def _on(stream: Any) -> Any:
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside a model output (tensor, tuple/list, dict, nesting of those)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
