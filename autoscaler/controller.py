@@ -271,4 +271,6 @@ def _targets(mp: ModelPolicy) -> str:
         parts.append(f"target_queue_ms={mp.target_queue_ms:g}")
     if mp.target_pending_per_worker is not None:
         parts.append(f"target_pending_per_worker={mp.target_pending_per_worker:g}")
+    if mp.target_utilization is not None:
+        parts.append(f"target_utilization={mp.target_utilization:g}")
     return " ".join(parts)

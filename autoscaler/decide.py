@@ -6,14 +6,20 @@ One tick of the controller, for every model of the policy:
    counters; a counter going backwards means TorchServe restarted and the window starts again).
 2. `window_load` turns the window into rates: arrivals per second, mean queue milliseconds per request
    (delta of ts_queue_latency_microseconds / delta of ts_inference_requests_total), mean pending
-   requests, and requests in flight (Little's law: delta of the latency sum / elapsed time).
+   requests, requests in flight (Little's law: delta of the latency sum / elapsed time) and requests
+   in service (the same, latency minus queue time: how busy the workers are).
 3. `assess` says what the model wants on its own, inside [min_workers, max_workers]:
-   - over target: queue ms > target_queue_ms, or pending per ready worker > target_pending_per_worker.
+   - over target: queue ms > target_queue_ms, or pending per ready worker > target_pending_per_worker,
+     or (with `target_utilization`) the work per worker slot > target_utilization. The work is the
+     requests in service, scaled by arrivals / completions over the window when the queue grows
+     (saturated workers are busy 100% whatever the load; completions = arrivals - queue growth).
      After `upscale_delay_s` of being over, step up by max(1, ceil(workers x (ratio - 1))), at most
-     doubling (fast up).
+     doubling (fast up); with `target_utilization`, at least to the count the measured work needs
+     at that utilization, ceil(work / (batchSize x target_utilization)), in one step.
    - under target (hysteresis): queue ms < downscale_below x target (default 0.5), pending per worker
      likewise, AND the load projected onto one worker fewer stays low (requests in flight per
-     remaining worker < downscale_below x batchSize; to 0 workers: no arrivals at all). After
+     remaining worker < downscale_below x batchSize, and with `target_utilization` the work per
+     remaining slot < target_utilization; to 0 workers: no arrivals at all). After
      `downscale_delay_s` of being under, step down by one (slow down).
    - between the two: hold, and both timers restart. After any change the window restarts, so the
      samples taken with the old worker count never drive the next step. While workers are starting
@@ -78,11 +84,14 @@ class Load:
     queue_ms: float | None    # mean queue latency per request; None when nothing arrived
     pending: float            # mean pending requests over the window
     in_flight: float          # mean requests inside TorchServe (queued + running)
+    busy: float = 0.0         # mean requests in service (in a worker, not queued)
+    demand: float = 0.0       # requests in service the arrivals would keep busy (busy x arrivals / completions)
 
     def describe(self) -> str:
         queue = "-" if self.queue_ms is None else f"{self.queue_ms:.1f}"
         return (f"rate={self.rate:.2f}/s queue_ms={queue} pending={self.pending:.1f} "
-                f"in_flight={self.in_flight:.2f} window={self.window_s:.1f}s")
+                f"in_flight={self.in_flight:.2f} busy={self.busy:.2f} demand={self.demand:.2f} "
+                f"window={self.window_s:.1f}s")
 
 
 @dataclass
@@ -134,7 +143,14 @@ def window_load(samples: Sequence[Sample]) -> Load | None:
     queue_ms = (last.queue_us - first.queue_us) / arrived / 1000.0 if arrived > 0 else None
     pending = sum(s.pending for s in list(samples)[1:]) / (len(samples) - 1)
     in_flight = max(0.0, (last.latency_us - first.latency_us) / dt / 1e6)
-    return Load(window_s=dt, rate=arrived / dt, queue_ms=queue_ms, pending=pending, in_flight=in_flight)
+    serving_us = (last.latency_us - last.queue_us) - (first.latency_us - first.queue_us)
+    busy = min(in_flight, max(0.0, serving_us / dt / 1e6))
+    # Saturated workers show busy = their count whatever the load: scale it by arrivals / completions
+    # (completions = arrivals - growth of the pending queue), completions counted as at least a tenth.
+    completed = max(arrived - (last.pending - first.pending), arrived / 10.0)
+    demand = busy * arrived / completed if arrived > 0 else busy
+    return Load(window_s=dt, rate=arrived / dt, queue_ms=queue_ms, pending=pending, in_flight=in_flight,
+                busy=busy, demand=demand)
 
 
 @dataclass(frozen=True)
@@ -150,8 +166,8 @@ class Want:
 
 
 def load_ratio(mp: ModelPolicy, load: Load, ready: int) -> float:
-    """How far over target the model is (1.0 = at target)."""
-    ratios = []
+    """How far over its latency targets the model is (1.0 = at target; 0.0 without such targets)."""
+    ratios = [0.0]
     if mp.target_queue_ms is not None:
         ratios.append((load.queue_ms or 0.0) / mp.target_queue_ms)
     if mp.target_pending_per_worker is not None:
@@ -159,11 +175,28 @@ def load_ratio(mp: ModelPolicy, load: Load, ready: int) -> float:
     return max(ratios)
 
 
+def utilization_ratio(mp: ModelPolicy, load: Load, workers: int, batch_size: int) -> float | None:
+    """Requests in service per worker slot over target_utilization (1.0 = at target); None when off."""
+    if mp.target_utilization is None:
+        return None
+    return load.demand / (max(workers, 1) * max(batch_size, 1)) / mp.target_utilization
+
+
+def needed_workers(mp: ModelPolicy, load: Load, batch_size: int) -> int:
+    """Workers that serve the measured work at target_utilization (0 without that key)."""
+    if mp.target_utilization is None:
+        return 0
+    return math.ceil(load.demand / (max(batch_size, 1) * mp.target_utilization) - 1e-9)
+
+
 def _under(mp: ModelPolicy, load: Load, ratio: float, current: int, batch_size: int) -> bool:
     if ratio >= mp.downscale_below:
         return False
     if current - 1 <= 0:
         return load.rate == 0 and load.pending == 0  # to zero workers only when idle
+    fewer = utilization_ratio(mp, load, current - 1, batch_size)
+    if fewer is not None and fewer >= 1.0:
+        return False  # one worker fewer would be over target_utilization: it would scale up again
     return load.in_flight / (current - 1) < mp.downscale_below * max(batch_size, 1)
 
 
@@ -202,20 +235,22 @@ def _assess_load(mp: ModelPolicy, obs: Observation, state: ModelState, now: floa
         state.over_since = state.under_since = None
         return Want(mp.name, current, current, NO_DATA)
     ratio = load_ratio(mp, load, obs.ready)
-    if ratio > 1.0:
+    busy_ratio = utilization_ratio(mp, load, current, obs.batch_size)
+    if ratio > 1.0 or (busy_ratio or 0.0) > 1.0:
         state.under_since = None
         state.over_since = now if state.over_since is None else state.over_since
         if now - state.over_since >= mp.upscale_delay_s and current < mp.max_workers:
             step = max(1, math.ceil(current * (min(ratio, 2.0) - 1.0)))
-            return Want(mp.name, current, min(mp.max_workers, current + step), SCALE_UP, load, ratio)
+            want = max(current + step, needed_workers(mp, load, obs.batch_size))
+            return Want(mp.name, current, min(mp.max_workers, want), SCALE_UP, load, max(ratio, busy_ratio or 0.0))
     elif _under(mp, load, ratio, current, obs.batch_size):
         state.over_since = None
         state.under_since = now if state.under_since is None else state.under_since
         if now - state.under_since >= mp.downscale_delay_s and current > mp.min_workers:
-            return Want(mp.name, current, current - 1, SCALE_DOWN, load, ratio)
+            return Want(mp.name, current, current - 1, SCALE_DOWN, load, max(ratio, busy_ratio or 0.0))
     else:
         state.over_since = state.under_since = None
-    return Want(mp.name, current, current, HOLD, load, ratio)
+    return Want(mp.name, current, current, HOLD, load, max(ratio, busy_ratio or 0.0))
 
 
 def _from_zero(mp: ModelPolicy, state: ModelState, load: Load | None) -> Want:

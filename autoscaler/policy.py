@@ -37,7 +37,7 @@ _BUDGET_KEYS = {"workers", "memory_mb"}
 _MODEL_KEYS = {
     "priority", "min_workers", "max_workers", "target_queue_ms", "target_pending_per_worker",
     "upscale_delay_s", "downscale_delay_s", "look_back_s", "downscale_below", "memory_mb", "device",
-    "scale_from_zero", "settle_timeout_s",
+    "scale_from_zero", "settle_timeout_s", "target_utilization",
 }
 
 
@@ -70,6 +70,7 @@ class ModelPolicy:
     device: str = "cpu"
     scale_from_zero: bool = False
     settle_timeout_s: float = DEFAULT_SETTLE_TIMEOUT_S
+    target_utilization: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,13 @@ def _model(name: str, spec: Any, default_device: str) -> ModelPolicy:
         raise PolicyError(f"{where}.max_workers: {max_workers} is below min_workers {min_workers}")
     target_queue = _number(spec, "target_queue_ms", where, None, minimum=0.001)
     target_pending = _number(spec, "target_pending_per_worker", where, None, minimum=0.001)
-    if target_queue is None and target_pending is None:
+    utilization = _number(spec, "target_utilization", where, None, minimum=0.01)
+    if utilization is not None and utilization > 1.0:
+        raise PolicyError(f"{where}.target_utilization: a fraction of the workers' time busy, at most 1.0 "
+                          f"(e.g. 0.5 keeps half of the capacity spare), got {utilization!r}")
+    if target_queue is None and target_pending is None and utilization is None:
         raise PolicyError(f"{where}: set target_queue_ms (mean queue latency to keep under, in ms) "
-                          "and/or target_pending_per_worker")
+                          "and/or target_pending_per_worker and/or target_utilization")
     device = str(spec.get("device", default_device))
     if not DEVICE.match(device):
         raise PolicyError(f"{where}.device: must be 'cpu' or 'cuda:N', got {device!r}")
@@ -174,6 +179,7 @@ def _model(name: str, spec: Any, default_device: str) -> ModelPolicy:
         memory_mb=_number(spec, "memory_mb", where, None, minimum=1),
         device=device, scale_from_zero=scale_from_zero,
         settle_timeout_s=_number(spec, "settle_timeout_s", where, DEFAULT_SETTLE_TIMEOUT_S, minimum=1.0),
+        target_utilization=utilization,
     )
 
 

@@ -1,11 +1,13 @@
 """Replay a compressed diurnal trace for two tenants against a real torchserve, autoscaled vs static.
 
     .venv/bin/python benchmarks/autoscale_sim.py [--duration 90] [--static 3,3 --static 1,1] [--device-ms 0]
+        [--trace day|night-batch] [--hi-utilization 0.45] [--lo-utilization 0.85] [--ideal SERVICE_MS]
 
 Two archives of the tiny test classifier share a 4-worker CPU budget: `hi` (priority 10, SLO
 `--slo-ms`) and `lo` (priority 1, SLO `--lo-slo-ms`). Open-loop arrivals (sent on schedule, whatever
 the latency) follow a day squeezed into `--duration` seconds: trough, morning ramp, peak, a burst on
-`hi`, evening trough. The same trace runs on a fresh server per mode: with the autoscaler (min 1 /
+`hi`, evening trough (`--trace day`); `--trace night-batch` keeps `hi`'s day and moves `lo`'s peak
+to the night. `--ideal` prints the bound an ideal scaler reaches on the trace, without a server. The same trace runs on a fresh server per mode: with the autoscaler (min 1 /
 max 3 each, `POLICY`), and with each `--static HI,LO` worker count held for the whole run.
 
 Printed per mode: worker-seconds (workers set, READY or starting, sampled each second), p99 per
@@ -48,13 +50,31 @@ POLICY = {
 }
 
 
-def rate(tenant: str, x: float) -> float:
-    """Requests per second at fraction x of the day (0..1)."""
+def rate_day(tenant: str, x: float) -> float:
+    """`--trace day` (the first trace): both tenants busy in the daytime; x = fraction of the day (0..1)."""
     day = math.sin(math.pi * x) ** 2  # 0 at night, 1 at noon
     if tenant == "hi":
         burst = 25.0 if 0.70 <= x < 0.76 else 0.0
         return 1.0 + 24.0 * day + burst
     return 1.0 + 10.0 * math.sin(math.pi * min(1.0, x * 1.3)) ** 2  # batch work peaks earlier
+
+
+def rate_night_batch(tenant: str, x: float) -> float:
+    """`--trace night-batch`: interactive `hi` by day, batch `lo` by night. The day runs 06:00 -> 06:00.
+
+    hi: the same curve and burst as `--trace day` (1/s at 02:00, 25/s at 14:00, +25/s for 86 minutes
+    from 18:48, when its base is 16.7/s). lo: 1/s all day, its batch run from 21:00 to 05:00 peaking
+    at 45/s at 01:00.
+    """
+    hour = (6.0 + 24.0 * x) % 24.0
+    if tenant == "hi":
+        burst = 25.0 if 18.8 <= hour < 20.24 else 0.0
+        return 1.0 + 24.0 * math.sin(math.pi * (hour - 2.0) / 24.0) ** 2 + burst
+    night = (hour - 21.0) % 24.0
+    return 1.0 + (44.0 * math.sin(math.pi * night / 8.0) ** 2 if night < 8.0 else 0.0)
+
+
+TRACES = {"day": rate_day, "night-batch": rate_night_batch}
 
 
 DEVICE_HANDLER = '''"""The tiny classifier plus simulated accelerator time (benchmarks/autoscale_sim.py --device-ms)."""
@@ -71,6 +91,18 @@ class DeviceTimeClassifier(ImageClassifier):
         time.sleep(DEVICE_MS / 1000.0)  # the worker waits, as on a GPU; the CPU is free meanwhile
         return out
 '''
+
+
+def ideal_saving(rate, static: tuple[int, int], service_s: float, utilization: tuple[float, float]) -> float:
+    """Fraction of `static`'s worker-seconds an ideal scaler saves: at every instant exactly
+    ceil(rate x service_s / utilization) workers per tenant (1 at least, the static count at most),
+    zero start time, no downscale delay. An upper bound for any reactive controller on this trace."""
+    steps = 10_000
+    used = 0
+    for i in range(steps):
+        for tenant, cap, u in zip(("hi", "lo"), static, utilization):
+            used += min(cap, max(1, math.ceil(rate(tenant, i / steps) * service_s / (u or 1.0) - 1e-9)))
+    return 1.0 - used / steps / sum(static)
 
 
 def build_store(root: Path, device_ms: float = 0.0) -> Path:
@@ -102,7 +134,7 @@ def scale(url: str, name: str, n: int) -> None:
     urllib.request.urlopen(req, timeout=300).read()
 
 
-def replay(ts, duration: float, body: bytes) -> tuple[list[tuple[str, float, float, int]], float]:
+def replay(ts, duration: float, body: bytes, rate=rate_day) -> tuple[list[tuple[str, float, float, int]], float]:
     """Send the trace; returns ([(tenant, t_sent, latency_ms, status)], worker-seconds)."""
     host, port = ts.inference_url.split("//")[1].split(":")
     results: list[tuple[str, float, float, int]] = []
@@ -137,16 +169,25 @@ def replay(ts, duration: float, body: bytes) -> tuple[list[tuple[str, float, flo
     sampler.start()
     start = time.perf_counter()
     next_at = {"hi": 0.0, "lo": 0.0}
-    with ThreadPoolExecutor(max_workers=64) as pool:
+    # one client pool per tenant, each larger than any backlog here: a tenant's slow answers must not
+    # hold back the other tenant's sends (a shared 64-thread pool did, before 2026-11-24 19:40)
+    pools = {tenant: ThreadPoolExecutor(max_workers=CLIENT_THREADS) for tenant in ("hi", "lo")}
+    try:
         while (now := time.perf_counter() - start) < duration:
-            for tenant in ("hi", "lo"):
+            for tenant, pool in pools.items():
                 if now >= next_at[tenant]:
                     pool.submit(send, tenant, now)
                     next_at[tenant] = now + 1.0 / rate(tenant, now / duration)
             time.sleep(0.002)
+    finally:
+        for pool in pools.values():
+            pool.shutdown(wait=True)
     stop.set()
     sampler.join()
     return results, worker_seconds[0]
+
+
+CLIENT_THREADS = 256
 
 
 def p99(values: list[float]) -> float:
@@ -167,11 +208,12 @@ def summarize(mode: str, results, worker_seconds: float, slo_ms: dict[str, float
         met = [p99(b) <= slo_ms[tenant] for b in buckets if b]
         row[f"{tenant}_in_slo"] = f"{sum(met)}/{len(met)}"
         row[f"{tenant}_worst_ms"] = round(max((p99(b) for b in buckets if b), default=float("nan")), 1)
+        print(f"{mode} {tenant} p99 ms per 5 s: " + " ".join(f"{p99(b):.0f}" for b in buckets if b), file=sys.stderr)
     return row
 
 
 def run_mode(mode: str, store: Path, duration: float, body: bytes, static: tuple[int, int] | None,
-             policy: dict) -> tuple[list, float]:
+             policy: dict, rate=rate_day) -> tuple[list, float]:
     from archiver_scripts.server import TorchServe
     from autoscaler.controller import Controller
     from autoscaler.policy import parse_policy
@@ -190,7 +232,7 @@ def run_mode(mode: str, store: Path, duration: float, body: bytes, static: tuple
                 scale(ts.management_url, name, n)
             ts.wait_ready(["hi", "lo"])
         try:
-            return replay(ts, duration, body)
+            return replay(ts, duration, body, rate)
         finally:
             stop.set()
             if thread is not None:
@@ -215,13 +257,31 @@ def main() -> int:
                         help="static worker counts to compare with (repeatable; default: 3,3 = each at max_workers)")
     parser.add_argument("--device-ms", type=float, default=0.0, help="simulated accelerator ms per batch (0: CPU only)")
     parser.add_argument("--hi-min-workers", type=int, default=1, help="hi's min_workers in the policy (pre-warming)")
+    parser.add_argument("--trace", choices=sorted(TRACES), default="day",
+                        help="day: both tenants busy by day (the first trace); night-batch: lo's batch runs at night")
+    parser.add_argument("--hi-utilization", type=float, default=0.45,
+                        help="hi's target_utilization (0: off, queue and pending targets only, as in the first runs)")
+    parser.add_argument("--lo-utilization", type=float, default=0.85, help="lo's target_utilization (0: off)")
     parser.add_argument("--no-autoscaled", action="store_true", help="run the static modes only")
     parser.add_argument("--log", action="store_true", help="show the controller's decisions")
+    parser.add_argument("--ideal", type=float, metavar="SERVICE_MS",
+                        help="print the saving an ideal scaler would reach against each --static (at SERVICE_MS "
+                             "per request, with and without the target_utilization headroom) and exit")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]  # the host's load before this run (a quiet host: well under 1)
     logging.basicConfig(level=logging.INFO if args.log else logging.WARNING, format="%(asctime)s %(message)s")
     policy = copy.deepcopy(POLICY)
     policy["models"]["hi"]["min_workers"] = args.hi_min_workers
+    for name, utilization in (("hi", args.hi_utilization), ("lo", args.lo_utilization)):
+        if utilization > 0:
+            policy["models"][name]["target_utilization"] = utilization
     statics = [tuple(int(v) for v in spec.split(",")) for spec in (args.static or ["3,3"])]
+    if args.ideal:
+        for static in statics:
+            for label, u in (("no headroom", (1.0, 1.0)), ("target_utilization", (args.hi_utilization, args.lo_utilization))):
+                saving = ideal_saving(TRACES[args.trace], static, args.ideal / 1000.0, u)
+                print(f"trace {args.trace}, static {static[0]}+{static[1]}, ideal scaler, {label} {u}: {saving:.0%} fewer")
+        return 0
     modes = ([] if args.no_autoscaled else [("autoscaled", None)]) + [(f"static {h}+{lo}", (h, lo)) for h, lo in statics]
     body = encode(mosaic(96, 96), "JPEG")
     slo = {"hi": args.slo_ms, "lo": args.lo_slo_ms}
@@ -229,12 +289,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tsgpu-autoscale-sim-") as tmp:
         store = build_store(Path(tmp), args.device_ms)
         for mode, static in modes:
-            results, worker_seconds = run_mode(mode, store, args.duration, body, static, policy)
+            results, worker_seconds = run_mode(mode, store, args.duration, body, static, policy, TRACES[args.trace])
             rows.append(summarize(mode, results, worker_seconds, slo, args.duration))
             print(f"{mode}: done", file=sys.stderr, flush=True)
     stamp = datetime.datetime.now().isoformat(timespec="minutes")
-    print(f"# {stamp}, {platform.node()}, {os.cpu_count()} CPUs, duration {args.duration:g}s, device_ms {args.device_ms:g}, "
-          f"hi min_workers {args.hi_min_workers}, SLO p99 hi {args.slo_ms:g} ms / lo {args.lo_slo_ms:g} ms per 5 s")
+    print(f"# {stamp}, {platform.node()}, {os.cpu_count()} CPUs, trace {args.trace}, duration {args.duration:g}s "
+          f"({86400 / args.duration:.0f}x compressed), device_ms {args.device_ms:g}, hi min_workers {args.hi_min_workers}, "
+          f"target_utilization hi {args.hi_utilization:g} / lo {args.lo_utilization:g} (0: off), "
+          f"SLO p99 hi {args.slo_ms:g} ms / lo {args.lo_slo_ms:g} ms per 5 s, 1-min load at start {load_at_start:.2f}")
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

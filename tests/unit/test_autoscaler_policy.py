@@ -191,6 +191,48 @@ def test_no_downscale_when_the_remaining_workers_would_be_busy():
     assert sim.workers["a"] == 1
 
 
+def test_target_utilization_scales_to_the_measured_need_in_one_step():
+    # 20/s, 5 ms queue (far under target), 1.5 requests in service on 1 worker: the queue alone says
+    # hold; at target_utilization 0.5 the work needs ceil(1.5 / 0.5) = 3 workers, in one step
+    load = {"a": (20, 5, 1.6)}  # in flight 1.6 = 1.5 in service + 20/s x 5 ms queued
+    plain = Sim(policy(a=model(max_workers=5, upscale_delay_s=1)), {"a": 1})
+    assert {h["a"] for h in plain.run(10, load)} == {1}
+    sim = Sim(policy(a=model(max_workers=5, upscale_delay_s=1, target_utilization=0.5)), {"a": 1})
+    history = [h["a"] for h in sim.run(4, load)]
+    assert history == [1, 1, 3, 3]  # t=2 over, t=3 after the 1 s delay: 1 -> 3; then 0.5 busy per worker: hold
+    d = sim.step(load)["a"]
+    assert d.load.busy == pytest.approx(1.5) and d.ratio == pytest.approx(1.0) and d.reason == decide.HOLD
+
+
+def test_saturated_workers_are_sized_by_arrivals_over_completions():
+    # one worker busy all the time (2 s of service in 2 s) while 60 arrived and the queue grew by 20:
+    # 40 completed, so the arrivals bring 1.5 workers of work, not the 1.0 a saturated worker shows
+    state = ModelState()
+    state.observe(Sample(0, 0, 0, 0, 0), look_back_s=10)
+    state.observe(Sample(2, 60, 10e6, 12e6, 20), look_back_s=10)
+    load = decide.window_load(state.samples)
+    assert load.busy == pytest.approx(1.0) and load.demand == pytest.approx(1.5)
+    mp = policy(a=model(target_utilization=0.5, max_workers=5)).models["a"]
+    assert decide.needed_workers(mp, load, batch_size=1) == 3
+
+
+def test_target_utilization_alone_is_a_valid_target_and_must_be_a_fraction():
+    pol = parse_policy({"models": {"a": {"max_workers": 2, "target_utilization": 0.6}}})
+    assert pol.models["a"].target_utilization == 0.6 and pol.models["a"].target_queue_ms is None
+    assert parse_policy({"models": {"a": model()}}).models["a"].target_utilization is None  # default: off
+    with pytest.raises(PolicyError, match=r"models\.a\.target_utilization: a fraction"):
+        parse_policy({"models": {"a": model(target_utilization=1.5)}})
+
+
+def test_target_utilization_downscales_only_while_one_worker_fewer_stays_under_it():
+    sim = Sim(policy(a=model(target_utilization=0.5, downscale_delay_s=3)), {"a": 3})
+    # 1.2 in service: 0.4 per worker at 3 (under 0.5), but 0.6 at 2 would be over: hold at 3
+    assert {h["a"] for h in sim.run(20, {"a": (10, 0, 1.2)})} == {3}
+    # 0.8 in service: 0.4 per worker at 2, 0.8 at 1: down to 2 and no further, no flapping
+    history = [h["a"] for h in sim.run(30, {"a": (10, 0, 0.8)})]
+    assert history[-1] == 2 and min(history) == 2 and history == sorted(history, reverse=True)
+
+
 def test_clamped_to_min_and_max():
     pol = policy(a=model(min_workers=2, max_workers=3))
     state = ModelState()
