@@ -176,13 +176,19 @@ def _run_kserve(args: argparse.Namespace) -> int:
 def _profile_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="load an archive in-process, time each stage, name the bottleneck",
                        description="Run a directory of images through an archive's handler as a worker would "
-                                   "(no server) and recommend batchSize, workers and preprocess backend "
+                                   "(no server) and recommend batchSize, micro_batch, decode_processes, workers and "
+                                   "preprocess backend "
                                    "(docs/profiling.md).")
     p.add_argument("archive", help="the .mar to profile")
     p.add_argument("--images", required=True, help="directory of images to send (each file is one request)")
     p.add_argument("--batch-sizes", default="1,4,8", help="batch sizes to measure (default 1,4,8)")
-    p.add_argument("--micro-batch", type=int, default=0, help="handler.pipeline.micro_batch (only 0 in this version)")
-    p.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size (default 3)")
+    p.add_argument("--micro-batch", default="0,auto",
+                   help="handler.pipeline.micro_batch values to measure at the best batch size; auto = half "
+                        "of it (default 0,auto; the first value is used for the batch-size sweep)")
+    p.add_argument("--decode-processes", default="0,auto",
+                   help="handler.pipeline.decode_processes values to measure; auto = half the worker's CPUs, "
+                        "at least 1 (default 0,auto)")
+    p.add_argument("--seconds", type=float, default=2.0, help="measuring time per run (default 2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -190,7 +196,8 @@ def _run_profile(args: argparse.Namespace) -> int:
     from .profile import HandlerFailed, ProfileError, run_cli
 
     try:
-        return run_cli(args.archive, args.images, args.batch_sizes, args.micro_batch, args.seconds, args.json)
+        return run_cli(args.archive, args.images, args.batch_sizes, args.micro_batch, args.seconds, args.json,
+                       args.decode_processes)
     except ProfileError as exc:
         print(f"tsgpu profile: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
