@@ -120,10 +120,13 @@ class ModelState:
         self.restart_window(now)
 
     def restart_window(self, now: float) -> None:
-        """Forget the samples before `now` (the one taken at `now` is the next baseline) and the timers."""
+        """Forget the timers and the samples before `now`, but the newest one at or before `now`: it is
+        the next window's baseline. The controller calls this after a scale call returns, later than
+        the tick's sample; dropping that sample too would lose the arrivals between it and the next
+        tick (a model parked at 0 workers would miss the first request it answered 503)."""
         self.window_start = now
         self.over_since = self.under_since = None
-        while self.samples and self.samples[0].t < now:
+        while len(self.samples) > 1 and self.samples[1].t <= now:
             self.samples.popleft()
 
 

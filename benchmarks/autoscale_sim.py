@@ -1,7 +1,7 @@
 """Replay a compressed diurnal trace for two tenants against a real torchserve, autoscaled vs static.
 
     .venv/bin/python benchmarks/autoscale_sim.py [--duration 90] [--static 3,3 --static 1,1] [--device-ms 0]
-        [--trace day|night-batch] [--hi-utilization 0.45] [--lo-utilization 0.85] [--ideal SERVICE_MS]
+        [--trace day|night-batch] [--hi-utilization 0.45] [--lo-utilization 0.85] [--lo-min 1] [--ideal SERVICE_MS]
 
 Two archives of the tiny test classifier share a 4-worker CPU budget: `hi` (priority 10, SLO
 `--slo-ms`) and `lo` (priority 1, SLO `--lo-slo-ms`). Open-loop arrivals (sent on schedule, whatever
@@ -9,11 +9,16 @@ the latency) follow a day squeezed into `--duration` seconds: trough, morning ra
 `hi`, evening trough (`--trace day`); `--trace night-batch` keeps `hi`'s day and moves `lo`'s peak
 to the night. `--ideal` prints the bound an ideal scaler reaches on the trace, without a server. The same trace runs on a fresh server per mode: with the autoscaler (min 1 /
 max 3 each, `POLICY`), and with each `--static HI,LO` worker count held for the whole run.
+`--lo-min 0` runs the autoscaled mode with `lo` at `min_workers: 0` and `scale_from_zero: true`
+(repeat it, `--lo-min 0 --lo-min 1`, for one autoscaled mode per value in the same run).
 
-Printed per mode: worker-seconds (workers set, READY or starting, sampled each second), p99 per
-tenant, errors (any non-200 or transport error), and the share of 5-second intervals (by scheduled
-send time) in which each tenant's p99 met its SLO. Latency is measured from the *scheduled* send
-time, so a request that waited for a free client thread counts that wait (no coordinated omission).
+Printed per mode: worker-seconds (workers set, READY or starting, sampled each second; in all and
+`lo`'s own, and the seconds `lo` had 0 workers), p99 per tenant, errors (any non-200 or transport
+error; those answered 503 also on their own), and the share of 5-second intervals (by scheduled
+send time) in which each tenant's p99 met its SLO. An error counts in the p99 with its own latency
+(a 503 is fast): read the error columns beside it. The client never retries. Latency is measured
+from the *scheduled* send time, so a request that waited for a free client thread counts that wait
+(no coordinated omission).
 
 `--device-ms D` adds D ms of simulated accelerator time per batch: the worker sleeps, holding its
 slot but not a CPU, as a GPU worker waits on its device. 0 (default) serves the tiny model on the
@@ -93,15 +98,18 @@ class DeviceTimeClassifier(ImageClassifier):
 '''
 
 
-def ideal_saving(rate, static: tuple[int, int], service_s: float, utilization: tuple[float, float]) -> float:
+def ideal_saving(rate, static: tuple[int, int], service_s: float, utilization: tuple[float, float],
+                 minimum: tuple[int, int] = (1, 1)) -> float:
     """Fraction of `static`'s worker-seconds an ideal scaler saves: at every instant exactly
-    ceil(rate x service_s / utilization) workers per tenant (1 at least, the static count at most),
-    zero start time, no downscale delay. An upper bound for any reactive controller on this trace."""
+    ceil(rate x service_s / utilization) workers per tenant (`minimum` at least, the static count at
+    most), zero start time, no downscale delay. An upper bound for any reactive controller on this
+    trace. With a minimum of 0 a tenant has 0 workers only while its rate is 0 (a worker that starts
+    in no time on the first arrival); a rate above 0 always needs a worker."""
     steps = 10_000
     used = 0
     for i in range(steps):
-        for tenant, cap, u in zip(("hi", "lo"), static, utilization):
-            used += min(cap, max(1, math.ceil(rate(tenant, i / steps) * service_s / (u or 1.0) - 1e-9)))
+        for tenant, cap, u, floor in zip(("hi", "lo"), static, utilization, minimum):
+            used += min(cap, max(floor, math.ceil(rate(tenant, i / steps) * service_s / (u or 1.0) - 1e-9)))
     return 1.0 - used / steps / sum(static)
 
 
@@ -134,14 +142,15 @@ def scale(url: str, name: str, n: int) -> None:
     urllib.request.urlopen(req, timeout=300).read()
 
 
-def replay(ts, duration: float, body: bytes, rate=rate_day) -> tuple[list[tuple[str, float, float, int]], float]:
-    """Send the trace; returns ([(tenant, t_sent, latency_ms, status)], worker-seconds)."""
+def replay(ts, duration: float, body: bytes,
+           rate=rate_day) -> tuple[list[tuple[str, float, float, int]], dict[str, float]]:
+    """Send the trace; returns ([(tenant, t_sent, latency_ms, status)], worker-seconds per model)."""
     host, port = ts.inference_url.split("//")[1].split(":")
     results: list[tuple[str, float, float, int]] = []
     lock = threading.Lock()
     local = threading.local()
     stop = threading.Event()
-    worker_seconds = [0.0]
+    worker_seconds = {"hi": 0.0, "lo": 0.0, "lo_at_0": 0.0}
 
     def send(tenant: str, t_sent: float) -> None:
         conn = getattr(local, "conn", None) or http.client.HTTPConnection(host, int(port), timeout=120)
@@ -161,9 +170,12 @@ def replay(ts, duration: float, body: bytes, rate=rate_day) -> tuple[list[tuple[
     def sample_workers() -> None:
         while not stop.wait(1.0):
             try:
-                worker_seconds[0] += sum(len(describe(ts.management_url, m)["workers"]) for m in ("hi", "lo"))
+                counts = {m: len(describe(ts.management_url, m)["workers"]) for m in ("hi", "lo")}
             except OSError:
-                pass
+                continue
+            for m, n in counts.items():
+                worker_seconds[m] += n
+            worker_seconds["lo_at_0"] += counts["lo"] == 0
 
     sampler = threading.Thread(target=sample_workers, daemon=True)
     sampler.start()
@@ -184,7 +196,7 @@ def replay(ts, duration: float, body: bytes, rate=rate_day) -> tuple[list[tuple[
             pool.shutdown(wait=True)
     stop.set()
     sampler.join()
-    return results, worker_seconds[0]
+    return results, worker_seconds
 
 
 CLIENT_THREADS = 256
@@ -197,12 +209,14 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
 
 
-def summarize(mode: str, results, worker_seconds: float, slo_ms: dict[str, float], duration: float) -> dict:
-    row = {"mode": mode, "worker_s": round(worker_seconds, 1)}
+def summarize(mode: str, results, worker_seconds: dict[str, float], slo_ms: dict[str, float], duration: float) -> dict:
+    row = {"mode": mode, "worker_s": round(worker_seconds["hi"] + worker_seconds["lo"], 1),
+           "lo_worker_s": round(worker_seconds["lo"], 1), "lo_s_at_0": round(worker_seconds["lo_at_0"], 1)}
     for tenant in ("hi", "lo"):
         mine = [r for r in results if r[0] == tenant]
         row[f"{tenant}_req"] = len(mine)
         row[f"{tenant}_err"] = sum(1 for r in mine if r[3] != 200)
+        row[f"{tenant}_503"] = sum(1 for r in mine if r[3] == 503)
         row[f"{tenant}_p99_ms"] = round(p99([r[2] for r in mine]), 1)
         buckets = [[r[2] for r in mine if i * 5 <= r[1] < (i + 1) * 5] for i in range(int(duration // 5))]
         met = [p99(b) <= slo_ms[tenant] for b in buckets if b]
@@ -213,7 +227,7 @@ def summarize(mode: str, results, worker_seconds: float, slo_ms: dict[str, float
 
 
 def run_mode(mode: str, store: Path, duration: float, body: bytes, static: tuple[int, int] | None,
-             policy: dict, rate=rate_day) -> tuple[list, float]:
+             policy: dict, rate=rate_day) -> tuple[list, dict[str, float]]:
     from archiver_scripts.server import TorchServe
     from autoscaler.controller import Controller
     from autoscaler.policy import parse_policy
@@ -257,6 +271,9 @@ def main() -> int:
                         help="static worker counts to compare with (repeatable; default: 3,3 = each at max_workers)")
     parser.add_argument("--device-ms", type=float, default=0.0, help="simulated accelerator ms per batch (0: CPU only)")
     parser.add_argument("--hi-min-workers", type=int, default=1, help="hi's min_workers in the policy (pre-warming)")
+    parser.add_argument("--lo-min", type=int, action="append", metavar="N",
+                        help="lo's min_workers in the autoscaled policy (default 1); 0 adds scale_from_zero: true "
+                             "(503s while lo has no worker). Repeatable: one autoscaled mode per value")
     parser.add_argument("--trace", choices=sorted(TRACES), default="day",
                         help="day: both tenants busy by day (the first trace); night-batch: lo's batch runs at night")
     parser.add_argument("--hi-utilization", type=float, default=0.45,
@@ -275,26 +292,38 @@ def main() -> int:
     for name, utilization in (("hi", args.hi_utilization), ("lo", args.lo_utilization)):
         if utilization > 0:
             policy["models"][name]["target_utilization"] = utilization
+    lo_mins = args.lo_min or [1]
     statics = [tuple(int(v) for v in spec.split(",")) for spec in (args.static or ["3,3"])]
     if args.ideal:
         for static in statics:
-            for label, u in (("no headroom", (1.0, 1.0)), ("target_utilization", (args.hi_utilization, args.lo_utilization))):
-                saving = ideal_saving(TRACES[args.trace], static, args.ideal / 1000.0, u)
-                print(f"trace {args.trace}, static {static[0]}+{static[1]}, ideal scaler, {label} {u}: {saving:.0%} fewer")
+            for lo_min in lo_mins:
+                for label, u in (("no headroom", (1.0, 1.0)), ("target_utilization", (args.hi_utilization, args.lo_utilization))):
+                    saving = ideal_saving(TRACES[args.trace], static, args.ideal / 1000.0, u, (args.hi_min_workers, lo_min))
+                    print(f"trace {args.trace}, static {static[0]}+{static[1]}, ideal scaler, lo min {lo_min}, "
+                          f"{label} {u}: {saving:.0%} fewer")
         return 0
-    modes = ([] if args.no_autoscaled else [("autoscaled", None)]) + [(f"static {h}+{lo}", (h, lo)) for h, lo in statics]
+    policies = {}
+    for lo_min in lo_mins:
+        p = policies[_autoscaled_mode(lo_min)] = copy.deepcopy(policy)
+        p["models"]["lo"]["min_workers"] = lo_min
+        if lo_min == 0:
+            p["models"]["lo"]["scale_from_zero"] = True
+    modes = ([] if args.no_autoscaled else [(name, None) for name in policies]) + \
+        [(f"static {h}+{lo}", (h, lo)) for h, lo in statics]
     body = encode(mosaic(96, 96), "JPEG")
     slo = {"hi": args.slo_ms, "lo": args.lo_slo_ms}
     rows = []
     with tempfile.TemporaryDirectory(prefix="tsgpu-autoscale-sim-") as tmp:
         store = build_store(Path(tmp), args.device_ms)
         for mode, static in modes:
-            results, worker_seconds = run_mode(mode, store, args.duration, body, static, policy, TRACES[args.trace])
+            results, worker_seconds = run_mode(mode, store, args.duration, body, static, policies.get(mode, policy),
+                                               TRACES[args.trace])
             rows.append(summarize(mode, results, worker_seconds, slo, args.duration))
             print(f"{mode}: done", file=sys.stderr, flush=True)
     stamp = datetime.datetime.now().isoformat(timespec="minutes")
     print(f"# {stamp}, {platform.node()}, {os.cpu_count()} CPUs, trace {args.trace}, duration {args.duration:g}s "
           f"({86400 / args.duration:.0f}x compressed), device_ms {args.device_ms:g}, hi min_workers {args.hi_min_workers}, "
+          f"lo min_workers {'/'.join(map(str, lo_mins))}, "
           f"target_utilization hi {args.hi_utilization:g} / lo {args.lo_utilization:g} (0: off), "
           f"SLO p99 hi {args.slo_ms:g} ms / lo {args.lo_slo_ms:g} ms per 5 s, 1-min load at start {load_at_start:.2f}")
     keys = list(rows[0])
@@ -302,11 +331,15 @@ def main() -> int:
     print("|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
-    auto = next((r for r in rows if r["mode"] == "autoscaled"), None)
-    for row in rows:
-        if auto is not None and row is not auto and row["worker_s"]:
-            print(f"autoscaled vs {row['mode']}: {1 - auto['worker_s'] / row['worker_s']:.0%} fewer worker-seconds")
+    for auto in (r for r in rows if r["mode"] in policies):
+        for row in rows:
+            if row["mode"].startswith("static") and row["worker_s"]:
+                print(f"{auto['mode']} vs {row['mode']}: {1 - auto['worker_s'] / row['worker_s']:.0%} fewer worker-seconds")
     return 0
+
+
+def _autoscaled_mode(lo_min: int) -> str:
+    return "autoscaled" if lo_min == 1 else f"autoscaled lo min {lo_min}"
 
 
 if __name__ == "__main__":

@@ -572,3 +572,31 @@ def test_a_worker_that_never_starts_is_logged_once_and_blocks_scale_ups(caplog):
     assert mgmt.workers == {"hi": 2} and mgmt.calls == [("hi", 2, False)]
     assert reg.get("tsgpu_autoscale_errors_total", kind="start_timeout") == 1
     assert sum("workers READY after settle_timeout_s" in r.message for r in caplog.records) == 1
+
+
+def test_scale_from_zero_reacts_to_a_503_answered_between_the_park_and_the_next_tick():
+    """The real clock moves while a scale call runs: the arrivals after the tick's sample must still count."""
+    pol = parse_policy({"interval_s": 1, "models": {
+        "z": model(min_workers=0, scale_from_zero=True, downscale_delay_s=2, look_back_s=3)}})
+    t = [0.0]
+    requests = [0.0]
+
+    class SlowManagement(FakeManagement):
+        def scale(self, name, n, wait=True):
+            t[0] += 0.3  # a synchronous decrease returns when the worker is stopped
+            return super().scale(name, n, wait)
+
+    mgmt = SlowManagement({"z": 1})
+    ctl = Controller(pol, mgmt, "m", clock=lambda: t[0],
+                     scrape=lambda url: {"z": {"ts_inference_requests_total": requests[0]}})
+    for _ in range(6):  # idle: parked at 0 after downscale_delay_s
+        t[0] += 1
+        ctl.tick()
+        if mgmt.workers["z"] == 0:
+            break
+    assert mgmt.calls == [("z", 0, True)]
+    requests[0] += 1  # right after the park: one request, answered 503 (TorchServe still counts it), then none
+    for _ in range(2):
+        t[0] += 1
+        ctl.tick()
+    assert mgmt.workers == {"z": 1} and mgmt.calls[-1] == ("z", 1, False)
