@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-interval", type=float, default=1.0, help="seconds between memory samples")
     parser.add_argument("--c-config", action="append", default=[], metavar="KEY=VALUE",
                         help="another handler key for (c) only, as tsgpu archive --config (e.g. threads=2)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="TorchServe batchSize of every configuration (the same for all)")
     parser.add_argument("--only", default="abc", help="which configurations to run, e.g. ab")
     parser.add_argument("--keep-logs", type=Path, help="copy each server's log directory here")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -443,12 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         model, labels = make_model(work)
         images = make_images(args.images, args.quality)
         for config in runs:
-            build_archive(config.archive, model, store, labels=labels, batch_size=BATCH_SIZE,
+            build_archive(config.archive, model, store, labels=labels, batch_size=args.batch_size,
                           max_batch_delay=BATCH_DELAY_MS, workers=config.workers, config=config.overrides,
                           force=True, log=lambda m: None)
         mean_kb = sum(map(len, images)) / len(images) / 1024
         print(f"{len(images)} JPEGs 1920x1080 (quality {args.quality}, mean {mean_kb:.0f} KiB); "
-              f"batchSize {BATCH_SIZE}, "
+              f"batchSize {args.batch_size}, "
               f"maxBatchDelay {BATCH_DELAY_MS} ms; {args.concurrency} clients, {args.warmup:.0f}+{args.duration:.0f} s "
               f"per run; load average before: {', '.join(f'{v:.2f}' for v in load_before)}", flush=True)
         rows = [measure(config, store, work, images, args) for config in runs]
