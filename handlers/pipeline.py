@@ -22,12 +22,14 @@ backends' pinned host buffers are reused across micro-batches (each backend wait
 upload before overwriting them). On a CPU the same threads overlap the stages; `plan_threads` sizes
 torch's intra-op pool and the decode threads so that together they fit the worker's CPU share.
 
-Why not TorchServe's `ts.handler_utils.micro_batching.MicroBatching`: it runs each stage
-(preprocess, inference, postprocess) over *whole items* through queues of single micro-batches and
-reassembles outputs by position, with no notion of an item failing inside a stage: a RequestError
-for one item would fail its micro-batch (or be lost), and its stages take no CUDA streams. Our
-preprocess returns fewer rows than items (failed items) with their own errors, which must be
-carried beside the tensor to keep per-item statuses and order; the three stages here do that.
+Why not TorchServe's `ts.handler_utils.micro_batching.MicroBatching` (read in TorchServe 0.12.0):
+its stage threads (`execute_call`) catch nothing, so an exception in preprocess, inference or
+postprocess ends that thread and `handle` waits forever on the output queue: the worker hangs until
+the frontend's response timeout kills it. It also reassembles outputs by position, with no notion of
+an item failing inside a stage (our preprocess returns fewer rows than items, with per-item errors
+that must travel beside the tensor), reads no CUDA streams, and keeps its queues across batches.
+Here an exception fails its batch only (tested), per-item statuses and order are kept, and each
+stage has its own stream on a GPU.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -209,3 +210,53 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
 
 def _ports(ts: TorchServe) -> tuple[int, int, int]:
     return tuple(int(url.rsplit(":", 1)[1]) for url in (ts.inference_url, ts.management_url, ts.metrics_url))
+
+
+ZERO_POLICY = """
+interval_s: 1
+budgets: {cpu: {workers: 2}}
+models:
+  zero: {min_workers: 0, max_workers: 1, scale_from_zero: true, target_queue_ms: 100,
+         upscale_delay_s: 1, downscale_delay_s: 2, look_back_s: 2}
+"""
+
+
+def test_a_parked_model_is_started_again_by_its_first_request(tmp_path_factory, tmp_path):
+    """min_workers 0: idle, the model is parked at 0 workers; the next request is answered 503 (the
+    documented cost) and the controller starts a worker for it, after which requests are answered.
+    The 503 comes right after the park: the case the window restart once lost (autoscaler/decide.py)."""
+    build, store = tmp_path_factory.mktemp("zero-build"), tmp_path_factory.mktemp("zero-store")
+    models.build_tiny_archive("zero", store, build, batch_size=1, max_batch_delay=1, workers=1)
+    ctl_log = tmp_path / "autoscale.log"
+    controller = None
+    with TorchServe(store, models=["zero.mar"], workdir=tmp_path / "ts", env={"OMP_NUM_THREADS": "1"}) as ts:
+        try:
+            ts.wait_ready(["zero"], timeout=180)
+            client = ManagementClient(ts.management_url, KeyFile(None))
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(ZERO_POLICY)
+            port = free_port()
+            controller = subprocess.Popen(
+                [sys.executable, "-m", "archiver_scripts.cli", "autoscale", "--policy", str(policy),
+                 "--management", ts.management_url, "--metrics", ts.metrics_url, "--listen", f"127.0.0.1:{port}"],
+                cwd=REPO, stdout=open(ctl_log, "w"), stderr=subprocess.STDOUT)
+            log = lambda: ctl_log.read_text() + "\n" + ts.log_tail(20)  # noqa: E731
+            wait_for(lambda: workers(client, "zero") == (0, 0), 40, "zero parked at 0 workers", log)
+
+            def post() -> int:
+                request = urllib.request.Request(f"{ts.inference_url}/predictions/zero", data=encode(mosaic(64, 64), "JPEG"),
+                                                 headers={"Content-Type": "application/octet-stream"})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as r:
+                        return r.status
+                except urllib.error.HTTPError as err:
+                    return err.code
+
+            assert post() == 503  # no worker: TorchServe refuses at once
+            wait_for(lambda: workers(client, "zero") == (1, 1), 60, "a worker started for the 503", log)
+            assert post() == 200
+            assert "reason=scale_from_zero" in ctl_log.read_text(), log()
+        finally:
+            if controller is not None:
+                controller.terminate()
+                controller.wait(timeout=20)
