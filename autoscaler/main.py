@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate the policy, then run the loop until SIGINT/SIGTERM. Raises PolicyError on a bad policy."""
     from .controller import Controller
     from .exporter import Registry, serve
-    from .policy import load_policy
+    from .policy import PolicyError, load_policy
     from .torchserve import KeyFile, ManagementClient
 
     policy = load_policy(args.policy)
@@ -41,7 +41,15 @@ def run(args: argparse.Namespace) -> int:
     server = None
     if args.listen != "off":
         host, _, port = args.listen.rpartition(":")
-        server = serve(registry, host or "127.0.0.1", int(port))
+        if not port.isdigit():
+            raise PolicyError(f"--listen {args.listen!r}: expected HOST:PORT (e.g. 127.0.0.1:9465) or 'off'")
+        try:
+            server = serve(registry, host or "127.0.0.1", int(port))
+        except OSError as exc:
+            raise PolicyError(
+                f"--listen {args.listen}: cannot serve the controller's metrics there ({exc.strerror or exc}); "
+                f"another tsgpu autoscale may be running: pass --listen HOST:PORT with a free port, or --listen off"
+            ) from None
         logging.getLogger("tsgpu.autoscale").info("own metrics at http://%s:%s/metrics", host or "127.0.0.1", port)
     controller = Controller(policy, ManagementClient(args.management, KeyFile(key_file)), args.metrics,
                             dry_run=args.dry_run, registry=registry)

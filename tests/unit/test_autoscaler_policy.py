@@ -600,3 +600,21 @@ def test_scale_from_zero_reacts_to_a_503_answered_between_the_park_and_the_next_
         t[0] += 1
         ctl.tick()
     assert mgmt.workers == {"z": 1} and mgmt.calls[-1] == ("z", 1, False)
+
+
+def test_a_busy_metrics_port_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    import socket
+
+    from autoscaler.main import main
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("interval_s: 2\nmodels:\n  m: {min_workers: 1, max_workers: 2, target_queue_ms: 50}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--policy", str(policy), "--listen", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--listen 127.0.0.1:{port}" in err and "--listen off" in err and "Traceback" not in err
+    assert main(["--policy", str(policy), "--listen", "nonsense"]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
