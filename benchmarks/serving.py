@@ -69,9 +69,17 @@ def build_stock_archive(model: Path, labels: Path, store: Path) -> None:
 
 
 def server_cpu_seconds(server: TorchServe) -> float:
+    try:
+        return tree_cpu_seconds(psutil.Process(server.process.pid))
+    except psutil.Error:
+        return 0.0
+
+
+def tree_cpu_seconds(root: psutil.Process) -> float:
+    """User + system CPU seconds of `root` and all its descendants (processes gone are skipped)."""
     total = 0.0
     try:
-        procs = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return 0.0
     for p in procs:

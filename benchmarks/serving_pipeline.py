@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from archiver_scripts.archive import build_archive  # noqa: E402
 from archiver_scripts.server import TorchServe  # noqa: E402
 from benchmarks.loadgen import run_load  # noqa: E402
-from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, make_images, make_model  # noqa: E402
+from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, make_images, make_model, tree_cpu_seconds  # noqa: E402
 
 STAGE_GAUGES = ("DecodeTime", "ForwardTime", "PostprocessTime", "HandlerTime", "DeviceIdleTime", "StageOverlap")
 QPS_TARGET, RSS_TARGET = 0.9, 0.6  # (c)/(a): at least 0.9x the QPS at no more than 0.6x the worker RSS
@@ -227,21 +227,6 @@ class Sampler(threading.Thread):
 # -- CPU: was the host quiet? ------------------------------------------------------------------------
 
 
-def _tree_cpu(root: psutil.Process) -> float:
-    total = 0.0
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 class CpuWindow:
     """Host CPU busy time split into this server, this client process and everything else."""
 
@@ -252,12 +237,12 @@ class CpuWindow:
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._host0 = self._host_busy()
-        self._server0, self._me0 = _tree_cpu(self.server), self._own()
+        self._server0, self._me0 = tree_cpu_seconds(self.server), self._own()
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self._t0
         host = self._host_busy() - self._host0
-        server = _tree_cpu(self.server) - self._server0
+        server = tree_cpu_seconds(self.server) - self._server0
         me = self._own() - self._me0
         return {
             "host_busy_cores": round(host / wall, 2),
