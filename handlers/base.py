@@ -118,6 +118,15 @@ class VisionHandler(BaseHandler):
             self.config.preprocess.backend, spec, decode_threads, pipeline.decode_processes,
             pipeline.decode_timeout_s,
         )
+        least = self.backbone.min_batch
+        if pipeline.micro_batch > 0 and least is not None and pipeline.micro_batch < least:
+            logger.warning(
+                "handler.pipeline.micro_batch %d is smaller than the %d rows %s was compiled for: "
+                "every micro-batch is padded to %d rows (%.1fx the model work); recompile with a "
+                "batch range (tsgpu compile --batch 1,%d,%d) or set micro_batch: %d",
+                pipeline.micro_batch, least, self.backbone.describe(), least, least / pipeline.micro_batch,
+                pipeline.micro_batch, self.batch_size, least,
+            )
         if pipeline.micro_batch > 0:
             self._pipeline = Pipeline(
                 pipeline.micro_batch, self.device, self._read_all, self._preprocess,
@@ -183,8 +192,11 @@ class VisionHandler(BaseHandler):
             raise RuntimeError(f"warm-up: the preprocess backend failed on a valid JPEG: {probe.errors[0]}")
         with torch.inference_mode():
             self.postprocess(self.forward(probe.tensor), [probe.geometry[0]])
-        seconds = warm_up(self.backbone, [1, self.batch_size], spec.size)
-        logger.info("warm-up over batch sizes %s took %.2fs", sorted({1, self.batch_size}), seconds)
+        # The pipeline's micro-batches are batch sizes the model sees too (a compiled artifact may
+        # specialise or pad per size): warm them up before the first request does.
+        sizes = sorted({1, self.batch_size, min(self.config.pipeline.micro_batch or 1, self.batch_size)})
+        seconds = warm_up(self.backbone, sizes, spec.size)
+        logger.info("warm-up over batch sizes %s took %.2fs", sizes, seconds)
 
     # -- the request sequence (do not override) --------------------------------------------------
 

@@ -251,7 +251,7 @@ class PipelineConfig:
     decode_processes: int = 0
     """CPU decoding (the cpu backend and the GPU backends' CPU fallbacks) in this many processes
     writing into shared memory; 0 = decode threads inside the worker."""
-    decode_timeout_s: float = 30.0
+    decode_timeout_s: float = 10.0
     """A decode process that takes longer than this on one item is killed and replaced; the item is
     retried once in a fresh process, then answered 400."""
 

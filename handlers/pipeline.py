@@ -2,12 +2,13 @@
 
 With `handler.pipeline.micro_batch: m` (> 0) `VisionHandler.handle` splits a batch of N requests into
 micro-batches of m rows and runs them through three stages on three threads, so that while
-micro-batch k runs its forward, k+1 is being read, fetched, decoded and uploaded and k-1 is being
-post-processed:
+micro-batch k runs its forward, k+1 is being decoded and uploaded and k-1 is being post-processed.
+The batch's rows are read, and its URL items fetched, first and all at once (as on the plain path:
+fetching per micro-batch would add up one fetch timeout per micro-batch):
 
-    producer thread     read + fetch(k+1) -> preprocess.run(k+1)   [upload stream]  --queue(1)-->
-    caller thread       forward(k)                                  [model's stream]  -->
-    postprocess thread  postprocess(k-1)                            [postprocess stream]
+    producer thread     read + fetch(all rows), then preprocess.run(k+1)  [upload stream]  --queue(1)-->
+    caller thread       forward(k)                                        [model's stream]  -->
+    postprocess thread  postprocess(k-1)                                  [postprocess stream]
 
 Contract (tests/unit/test_pipeline.py): per-item errors, response order and results are those of the
 unpipelined path. Only the batch the model sees changes (m rows instead of N): a kernel whose
@@ -156,11 +157,14 @@ class Pipeline:
     def _produce(self, data: list[Any], chunks: list[tuple[int, int]], timer: StageTimer,
                  handoff: queue.Queue, abandoned: threading.Event) -> None:
         try:
+            # Every row is read first, so the batch's URL items download concurrently (as on the plain
+            # path): fetching per micro-batch would add up one fetch timeout per micro-batch.
+            items = self._read(data, timer, 0)
             with self._on(self._upload_stream):
                 for start, stop in chunks:
                     if abandoned.is_set():
                         return
-                    self._put(handoff, self._produce_one(data[start:stop], start, timer), abandoned)
+                    self._put(handoff, self._produce_one(items[start:stop], start, timer), abandoned)
             self._put(handoff, None, abandoned)
         except _Abandoned:
             return
@@ -170,10 +174,11 @@ class Pipeline:
             except _Abandoned:
                 pass
 
-    def _produce_one(self, rows: list[Any], start: int, timer: StageTimer) -> Produced:
+    def _produce_one(self, items: list[Any], start: int, timer: StageTimer) -> Produced:
+        """Micro-batch `items` (bytes or the row's RequestError), whose first row is `start`."""
         produced = Produced(owners=[])
         encoded: list[bytes] = []
-        for k, item in enumerate(self._read(rows, timer, start)):
+        for k, item in enumerate(items):
             if isinstance(item, RequestError):
                 produced.read_errors[start + k] = item
             else:

@@ -4,7 +4,7 @@ Every backend module (`cpu`, `torchvision_gpu`, `dali`, `cvcuda`) exposes the sa
 
     NAME: str
     availability(device) -> str | None     # None when usable, else why not (with an install hint)
-    create(spec, threads, processes=0, decode_timeout_s=30.0) -> Preprocessor
+    create(spec, threads, processes=0, decode_timeout_s=10.0) -> Preprocessor
                                            # an object with run(items) -> Batch and close()
 
 and meets the same numerical contract against the CPU reference for each geometry mode
@@ -172,7 +172,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def create_preprocessor(
-    name: str, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+    name: str, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
 ) -> Preprocessor:
     """The preprocessor of backend `name` (or `auto`): CPU decoding on `threads` threads, or in
     `processes` decode processes (each item given `decode_timeout_s` before its process is killed)."""

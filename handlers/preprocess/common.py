@@ -53,11 +53,30 @@ class Plan:
 def plan_item(data: bytes, spec: PreprocessSpec) -> Plan:
     """Read one item's header and plan its geometry. Raises RequestError for bad bytes or limits."""
     with open_image(data, spec) as image:
-        fmt, mode, turn = image.format or "", image.mode, orientation(image)
+        fmt, mode = image.format or "", image.mode
+        # Pillow's getexif() decodes a whole PNG to look for an eXIf chunk behind the pixels: a
+        # second decode, in the worker, of an item the backend may decode anyway. Walk the chunk
+        # headers instead; only a PNG that has one is asked.
+        turn = 1 if fmt == "PNG" and not png_has_exif(data) else orientation(image)
         width, height = image.size
     if turn is not None and turn >= 5:  # 90-degree turns swap the axes
         width, height = height, width
     return Plan(format=fmt, mode=mode, orientation=turn, geometry=spec.plan(width, height, fmt))
+
+
+def png_has_exif(data: bytes) -> bool:
+    """Whether a PNG has an eXIf chunk, from the chunk headers alone (nothing decompressed).
+    A malformed chunk list answers True: let Pillow look, as it would have."""
+    position = 8  # the signature
+    while position + 8 <= len(data):
+        length = int.from_bytes(data[position:position + 4], "big")
+        kind = data[position + 4:position + 8]
+        if kind == b"eXIf":
+            return True
+        if kind == b"IEND":
+            return False
+        position += 12 + length
+    return True
 
 
 class AcceleratedPreprocessor:
@@ -71,7 +90,7 @@ class AcceleratedPreprocessor:
     """Format -> the Pillow modes of it that the backend's decoder turns into RGB like Pillow."""
 
     def __init__(
-        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
     ) -> None:
         self.spec = spec
         self.normalise = Normaliser(spec)

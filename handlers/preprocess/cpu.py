@@ -43,7 +43,7 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> CpuPreprocessor:
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0) -> CpuPreprocessor:
     return CpuPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
@@ -54,7 +54,7 @@ class CpuPreprocessor:
     name = NAME
 
     def __init__(
-        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
     ) -> None:
         Image.init()  # register every format plugin now; open(formats=...) does not load them itself
         self.spec = spec

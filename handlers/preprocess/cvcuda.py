@@ -38,7 +38,7 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> CvcudaPreprocessor:
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0) -> CvcudaPreprocessor:
     return CvcudaPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
@@ -47,7 +47,7 @@ class CvcudaPreprocessor(AcceleratedPreprocessor):
     ACCEPTED = _ACCEPTED
 
     def __init__(
-        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(spec, threads, processes, decode_timeout_s)
         reason = availability(spec.device)

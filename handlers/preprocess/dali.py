@@ -69,7 +69,7 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> DaliPreprocessor:
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0) -> DaliPreprocessor:
     return DaliPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
@@ -80,7 +80,7 @@ class DaliPreprocessor(AcceleratedPreprocessor):
     COLLECT_EVERY = 16
 
     def __init__(
-        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(spec, threads, processes, decode_timeout_s)
         reason = availability(spec.device)

@@ -41,6 +41,7 @@ the variable such bytes are just not an image (415).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ import mmap
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -76,6 +78,8 @@ STARTUP_TIMEOUT_S = 60.0
 # How long close() lets a child exit on EOF before killing it.
 _CLOSE_GRACE_S = 1.0
 _PR_SET_PDEATHSIG = 1
+# A reply is one small JSON object (a geometry or an error message); anything longer is a broken child.
+_MAX_REPLY_BYTES = 64 * 1024
 # The directory holding the `handlers` package, for the children's stub packages.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
@@ -147,9 +151,15 @@ def _anonymous_file() -> int:
     """An fd to a shared-memory file with no name (memfd), or one unlinked at once (/dev/shm)."""
     if hasattr(os, "memfd_create"):
         try:
-            return os.memfd_create("tsgpu-decoded-frames", os.MFD_CLOEXEC)
+            fd = os.memfd_create("tsgpu-decoded-frames", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError:  # e.g. a seccomp profile without memfd_create
             pass
+        else:
+            try:  # children may write pixels but never shrink the file under the worker's map (SIGBUS)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            except (AttributeError, OSError):
+                pass
+            return fd
     directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     fd, path = tempfile.mkstemp(prefix="tsgpu-frames-", dir=directory)
     os.unlink(path)
@@ -210,7 +220,7 @@ class _State:
 class DecodePool:
     """N decode processes writing decoded frames into `frames`; see the module docstring."""
 
-    def __init__(self, spec: DecodeSpec, processes: int, capacity: int = 1, timeout_s: float = 30.0) -> None:
+    def __init__(self, spec: DecodeSpec, processes: int, capacity: int = 1, timeout_s: float = 10.0) -> None:
         if processes < 1:
             raise ValueError(f"handler.pipeline.decode_processes: a pool needs >= 1 process, got {processes}")
         self.spec = spec
@@ -257,12 +267,15 @@ class DecodePool:
         results: list[Geometry | RequestError | None] = [None] * n
 
         def drive(k: int) -> None:
+            # One retry after a timeout per process and batch: several hanging items must not add
+            # up (2 timeouts each) past TorchServe's response timeout, which would lose the batch.
+            hang_retries = [1]
             while True:
                 try:
                     i = pending.popleft()
                 except IndexError:
                     return
-                results[i] = self._decode_item(k, i, items[i])
+                results[i] = self._decode_item(k, i, items[i], hang_retries)
 
         futures = [self._drivers.submit(drive, k) for k in range(min(n, self.processes))]
         wait(futures)
@@ -290,15 +303,26 @@ class DecodePool:
 
     # -- one item --------------------------------------------------------------------------------
 
-    def _decode_item(self, k: int, slot: int, data: bytes) -> Geometry | RequestError:
+    def _decode_item(self, k: int, slot: int, data: bytes, hang_retries: list[int] | None = None) -> Geometry | RequestError:
         failures: list[_Failure] = []
         while len(failures) < 2:
             child = self._ready_child(k)
             outcome = self._ask(child, slot, data)
             if not isinstance(outcome, _Failure):
-                return _result(outcome)
+                try:
+                    return _result(outcome)
+                except (KeyError, TypeError, ValueError):  # a child that answers nonsense is broken
+                    outcome = _Failure("crashed", "it sent a malformed reply")
             failures.append(outcome)
             self._replace(k, child, outcome)
+            if outcome.kind == "timeout" and len(failures) == 1 and hang_retries is not None:
+                if hang_retries[0] <= 0:
+                    return InvalidInput(
+                        f"the decoder process took longer than handler.pipeline.decode_timeout_s="
+                        f"{self.timeout_s:g}s on this item (not retried: another item of the batch "
+                        f"already hung in this process)"
+                    )
+                hang_retries[0] -= 1
         return InvalidInput(self._twice_message(failures))
 
     def _ask(self, child: _Child, slot: int, data: bytes) -> dict[str, Any] | _Failure:
@@ -308,9 +332,19 @@ class DecodePool:
             child.conn.send_bytes(data)
             if not child.conn.poll(self.timeout_s):
                 return _Failure("timeout")
-            return json.loads(child.conn.recv_bytes())
-        except (EOFError, OSError):
+            raw = child.conn.recv_bytes(_MAX_REPLY_BYTES)
+        except (BlockingIOError, TimeoutError):  # the socket's own bound: stalled mid-message
+            return _Failure("timeout")
+        except (EOFError, OSError) as exc:
+            if child.proc.poll() is None and isinstance(exc, OSError):  # alive: _replace kills it
+                detail = "it sent an oversized reply" if "message length" in str(exc) else f"its socket failed: {exc}"
+                return _Failure("crashed", detail)
             return _Failure("crashed", _ended(child.proc))
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            return _Failure("crashed", "it sent a malformed reply")
+        return reply if isinstance(reply, dict) else _Failure("crashed", "it sent a malformed reply")
 
     def _twice_message(self, failures: list[_Failure]) -> str:
         def say(f: _Failure) -> str:
@@ -385,6 +419,11 @@ class DecodePool:
             raise
         finally:
             theirs.close()
+        # Every read and write on the socket is bounded too: a child that stops half-way through a
+        # reply (or stops reading an item) fails its item instead of blocking the worker for good.
+        bound = struct.pack("ll", int(self.timeout_s) + 1, 0)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
         conn = Connection(ours.detach())
         conn.send_bytes(_dump({"op": "spec", "spec": self.spec.to_dict()}))
         return _Child(proc, conn)
@@ -446,10 +485,10 @@ def child_main(sock_fd: int, frames_fd: int, parent_pid: int) -> None:
     conn = Connection(sock_fd)
     Image.init()  # every format plugin, as CpuPreprocessor does
     faults = os.environ.get(FAULTS_ENV) or None
-    conn.send_bytes(_dump({"ready": os.getpid()}))
     try:
+        conn.send_bytes(_dump({"ready": os.getpid()}))
         _serve(conn, frames_fd, faults)
-    except (EOFError, OSError):  # the worker closed the socket or is gone
+    except (EOFError, OSError):  # the worker closed the socket (even while we started) or is gone
         return
 
 

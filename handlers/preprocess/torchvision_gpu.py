@@ -44,7 +44,7 @@ def availability(device: torch.device) -> str | None:
     return None
 
 
-def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0) -> TorchvisionPreprocessor:
+def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0) -> TorchvisionPreprocessor:
     return TorchvisionPreprocessor(spec, threads, processes, decode_timeout_s)
 
 
@@ -72,7 +72,7 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
     ACCEPTED = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L")}  # orientation is applied in `orient`
 
     def __init__(
-        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 30.0,
+        self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
     ) -> None:
         super().__init__(spec, threads, processes, decode_timeout_s)
         from torchvision.io import ImageReadMode, decode_jpeg

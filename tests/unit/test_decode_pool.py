@@ -187,6 +187,87 @@ def test_a_hanging_item_is_killed_after_the_timeout_and_the_pool_recovers(faults
         pre.close()
 
 
+def test_hangs_cost_one_retry_per_process_and_batch(faults):
+    """Several hanging items must not add up to 2 timeouts each (TorchServe would time the batch out)."""
+    spec = PreprocessSpec(max_batch=4)
+    good = bad_and_odd_items()["good"]
+    pre = CpuPreprocessor(spec, 1, processes=1, decode_timeout_s=0.5)
+    try:
+        started = time.monotonic()
+        batch = pre.run([HANG + good, good, HANG + good, HANG + good])
+        elapsed = time.monotonic() - started
+        assert batch.rows == [1]
+        assert "twice on this item" in batch.errors[0].message
+        for err in (batch.errors[2], batch.errors[3]):
+            assert isinstance(err, InvalidInput) and "not retried" in err.message
+        assert pre._decoders.timeouts == 4  # 2 for the first item, 1 each after: not 6
+        assert elapsed < 15.0
+    finally:
+        pre.close()
+
+
+_ANSWERS_NONSENSE = r"""
+import sys, os, json
+from multiprocessing.connection import Connection
+c = Connection(int(sys.argv[1]))
+c.send_bytes(json.dumps({"ready": os.getpid()}).encode())
+c.recv_bytes()
+while True:
+    c.recv_bytes(); c.recv_bytes()
+    c.send_bytes(REPLY)
+"""
+
+
+@pytest.mark.parametrize("reply", [b"not json", b'{"ok": 1}', b'{"error": ["InvalidInput"]}', b"[]", b"x" * 70_000])
+def test_a_child_that_answers_nonsense_fails_its_item_not_the_batch(monkeypatch, reply):
+    import handlers.preprocess.decode_pool as pool_module
+    from handlers.preprocess.pillow_decode import DecodeSpec
+
+    monkeypatch.setattr(pool_module, "_BOOTSTRAP", f"REPLY = {reply!r}\n" + _ANSWERS_NONSENSE)
+    with DecodePool(DecodeSpec(size=(32, 32), resize_size=32), 1, capacity=2, timeout_s=5.0) as pool:
+        out = pool.decode([b"a", b"b"])
+    assert [type(o) for o in out] == [InvalidInput, InvalidInput]
+    assert all("malformed reply" in o.message or "crashed" in o.message for o in out)
+
+
+_STALLS_MID_REPLY = r"""
+import sys, os, json, struct, time
+from multiprocessing.connection import Connection
+c = Connection(int(sys.argv[1]))
+c.send_bytes(json.dumps({"ready": os.getpid()}).encode())
+c.recv_bytes()
+c.recv_bytes(); c.recv_bytes()
+os.write(int(sys.argv[1]), struct.pack("!i", 1000) + b"{")  # a reply's length and first byte, then nothing
+time.sleep(3600)
+"""
+
+
+def test_a_child_that_stalls_mid_reply_costs_its_item_not_the_worker(monkeypatch):
+    import handlers.preprocess.decode_pool as pool_module
+    from handlers.preprocess.pillow_decode import DecodeSpec
+
+    monkeypatch.setattr(pool_module, "_BOOTSTRAP", _STALLS_MID_REPLY)
+    started = time.monotonic()
+    with DecodePool(DecodeSpec(size=(32, 32), resize_size=32), 1, capacity=1, timeout_s=1.0) as pool:
+        [out] = pool.decode([b"x"])
+    assert isinstance(out, InvalidInput) and "took longer than" in out.message
+    assert time.monotonic() - started < 20
+
+
+def test_children_cannot_shrink_the_shared_frames():
+    """A child holds the frames' fd read-write; shrinking the file would SIGBUS the worker."""
+    from handlers.preprocess.pillow_decode import DecodeSpec
+
+    with DecodePool(DecodeSpec(size=(16, 16), resize_size=16), 1, capacity=2) as pool:
+        fd = pool._frames.fd
+        shrink = subprocess.run([sys.executable, "-c", f"import os; os.ftruncate({fd}, 0)"],
+                                pass_fds=(fd,), capture_output=True)
+        assert shrink.returncode != 0 and b"PermissionError" in shrink.stderr
+        assert int(pool.frames.sum()) >= 0  # still mapped, readable
+        pool.reserve(4)  # growing stays allowed
+        assert pool.frames.shape[0] == 4
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_shared_frames_are_page_locked_and_match_threads(items):
     spec = PreprocessSpec(device=torch.device("cuda"), max_batch=4)

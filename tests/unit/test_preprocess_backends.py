@@ -247,3 +247,36 @@ def test_gpu_backend_runs_on_the_current_stream(backend, jpegs):
     torch.cuda.current_stream().wait_stream(side)
     assert torch.isfinite(ready).item()
     assert np.isclose(ready.item(), batch.tensor.sum().item(), rtol=1e-4)
+
+
+def _png_with_exif_after_idat(orientation_value: int) -> bytes:
+    """A PNG whose eXIf chunk follows the pixels (allowed by the spec): Pillow sees it only on load."""
+    import zlib as _zlib
+
+    image = Image.fromarray(np.full((20, 30, 3), 90, np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    data = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation_value
+    body = exif.tobytes()
+    chunk = len(body).to_bytes(4, "big") + b"eXIf" + body + (_zlib.crc32(b"eXIf" + body) & 0xFFFFFFFF).to_bytes(4, "big")
+    iend = data.rindex(b"IEND") - 4
+    return data[:iend] + chunk + data[iend:]
+
+
+def test_planning_a_png_reads_chunk_headers_not_pixels(monkeypatch):
+    from PIL import PngImagePlugin
+
+    from handlers.preprocess.common import plan_item, png_has_exif
+
+    plain = samples.encode(samples.mosaic(64, 48), "PNG")
+    late = _png_with_exif_after_idat(6)
+    loads = []
+    original = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or original(self))
+    spec = PreprocessSpec()
+    assert not png_has_exif(plain) and png_has_exif(late)
+    assert plan_item(plain, spec).orientation == 1 and loads == []  # no decode to plan it
+    plan = plan_item(late, spec)  # eXIf behind the pixels: Pillow has to load to find it
+    assert plan.orientation == 6 and plan.geometry.original_size == (20, 30)
