@@ -228,3 +228,22 @@ def test_response_json_is_valid(model_dir, mixed_requests):
     handler, ctx = classifier(model_dir, "cpu", 2)
     bodies = handler.handle(ctx.start_batch(mixed_requests[:BATCH]), ctx)
     assert [json.loads(body).get("code", 200) for body in bodies] == [200, 415, 200, 200, 400, 200, 400, 200]
+
+
+from tests.unit.test_fetch import origin  # noqa: E402,F401  (the loopback image origin fixture)
+
+
+def test_url_items_of_a_batch_download_together_not_per_micro_batch(model_dir, origin):  # noqa: F811
+    """4 URLs that each take 2.5 s, micro-batches of 1: about 2.5 s, not 4 x 2.5 s."""
+    config = {"preprocess": {"backend": "cpu"}, "pipeline": {"micro_batch": 1},
+              "url": {"allowed_networks": ["127.0.0.1/32"], "read_timeout": 5.0, "total_timeout": 10.0}}
+    ctx = FakeContext(model_dir, serialized_file="model.pt", handler_config=config, batch_size=4,
+                      model_yaml_config={"minWorkers": 1, "maxWorkers": 1})
+    handler = ImageClassifier()
+    handler.initialize(ctx)
+    assert handler._pipeline is not None
+    started = time.monotonic()
+    got = answers(handler, ctx, [json_request({"url": f"{origin}/slow?{i}"}) for i in range(4)])
+    elapsed = time.monotonic() - started
+    assert [s for s, _ in got] == [200] * 4
+    assert elapsed < 7.0, elapsed
