@@ -102,6 +102,9 @@ class CpuPreprocessor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._uploaded is not None:  # the last upload may still read the buffer (GPU, unverified)
+            self._uploaded.synchronize()
+            self._uploaded = None
         if self._decoders is not None:
             self._unregister()
             self._buffer = torch.empty((0, *self.spec.size, 3), dtype=torch.uint8)

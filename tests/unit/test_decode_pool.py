@@ -366,3 +366,18 @@ def _fds() -> dict[str, str]:
 
 def _shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_close_waits_for_the_last_upload_before_releasing_the_frames():
+    """On a GPU the last upload may still read the (page-locked) shared frames when close() runs."""
+    order = []
+
+    class Event:
+        def synchronize(self):
+            order.append("upload done")
+
+    pre = CpuPreprocessor(PreprocessSpec(max_batch=2), 1, processes=1)
+    pre._uploaded = Event()
+    pre._unregister = lambda: order.append("unregistered")
+    pre.close()
+    assert order == ["upload done", "unregistered"]
