@@ -233,11 +233,25 @@ def cpu_seconds() -> float:
     """CPU time of this process and its child processes (decode processes work outside our GIL)."""
     import psutil
 
-    total = time.process_time()
+    return tree_cpu_seconds(psutil.Process())
+
+
+def tree_cpu_seconds(root: Any) -> float:
+    """User + system CPU seconds of a psutil process and all its descendants (gone ones skipped)."""
+    import psutil
+
     try:
-        children = psutil.Process().children(recursive=True)
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return total
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass  # exited meanwhile
+    return total
     for child in children:
         try:
             t = child.cpu_times()

@@ -239,21 +239,22 @@ def _assess_load(mp: ModelPolicy, obs: Observation, state: ModelState, now: floa
         return Want(mp.name, current, current, NO_DATA)
     ratio = load_ratio(mp, load, obs.ready)
     busy_ratio = utilization_ratio(mp, load, current, obs.batch_size)
-    if ratio > 1.0 or (busy_ratio or 0.0) > 1.0:
+    overall = max(ratio, busy_ratio or 0.0)  # latency targets and target_utilization together
+    if overall > 1.0:
         state.under_since = None
         state.over_since = now if state.over_since is None else state.over_since
         if now - state.over_since >= mp.upscale_delay_s and current < mp.max_workers:
             step = max(1, math.ceil(current * (min(ratio, 2.0) - 1.0)))
             want = max(current + step, needed_workers(mp, load, obs.batch_size))
-            return Want(mp.name, current, min(mp.max_workers, want), SCALE_UP, load, max(ratio, busy_ratio or 0.0))
+            return Want(mp.name, current, min(mp.max_workers, want), SCALE_UP, load, overall)
     elif _under(mp, load, ratio, current, obs.batch_size):
         state.over_since = None
         state.under_since = now if state.under_since is None else state.under_since
         if now - state.under_since >= mp.downscale_delay_s and current > mp.min_workers:
-            return Want(mp.name, current, current - 1, SCALE_DOWN, load, max(ratio, busy_ratio or 0.0))
+            return Want(mp.name, current, current - 1, SCALE_DOWN, load, overall)
     else:
         state.over_since = state.under_since = None
-    return Want(mp.name, current, current, HOLD, load, max(ratio, busy_ratio or 0.0))
+    return Want(mp.name, current, current, HOLD, load, overall)
 
 
 def _from_zero(mp: ModelPolicy, state: ModelState, load: Load | None) -> Want:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from archiver_scripts import samples  # noqa: E402
 from archiver_scripts.archive import build_archive  # noqa: E402
+from archiver_scripts.profile import tree_cpu_seconds  # noqa: E402
 from archiver_scripts.server import TorchServe  # noqa: E402
 from benchmarks.loadgen import run_load  # noqa: E402
 
@@ -75,22 +76,6 @@ def server_cpu_seconds(server: TorchServe) -> float:
         return 0.0
 
 
-def tree_cpu_seconds(root: psutil.Process) -> float:
-    """User + system CPU seconds of `root` and all its descendants (processes gone are skipped)."""
-    total = 0.0
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def measure(label: str, model: str, store: Path, workdir: Path, images: list[bytes], env: dict[str, str], args) -> dict:
     print(f"\n[{label}] starting torchserve ({', '.join(f'{k}={v}' for k, v in env.items()) or 'default env'}) ...", flush=True)
     server = TorchServe(store, models=[f"{model}.mar"], workdir=workdir / label, env=env)
@@ -118,13 +103,18 @@ def measure(label: str, model: str, store: Path, workdir: Path, images: list[byt
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load this benchmark (and benchmarks/serving_pipeline.py, on the same archive) applies."""
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
     parser.add_argument("--concurrency", type=int, default=32, help="client connections")
     parser.add_argument("--images", type=int, default=16, help="distinct 1080p JPEGs, sent round-robin")
     parser.add_argument("--quality", type=int, default=85, help="JPEG quality of the test images")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("captum") is None:

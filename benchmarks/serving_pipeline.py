@@ -57,9 +57,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from archiver_scripts.archive import build_archive  # noqa: E402
+from archiver_scripts.profile import tree_cpu_seconds  # noqa: E402
 from archiver_scripts.server import TorchServe  # noqa: E402
 from benchmarks.loadgen import run_load  # noqa: E402
-from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, make_images, make_model, tree_cpu_seconds  # noqa: E402
+from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, add_workload_arguments, make_images, make_model  # noqa: E402
 
 STAGE_GAUGES = ("DecodeTime", "ForwardTime", "PostprocessTime", "HandlerTime", "DeviceIdleTime", "StageOverlap")
 QPS_TARGET, RSS_TARGET = 0.9, 0.6  # (c)/(a): at least 0.9x the QPS at no more than 0.6x the worker RSS
@@ -400,11 +401,7 @@ def print_table(rows: list[dict], ratio: dict[str, dict[str, float]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
-    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
-    parser.add_argument("--concurrency", type=int, default=32, help="client connections")
-    parser.add_argument("--images", type=int, default=16, help="distinct 1080p JPEGs, sent round-robin")
-    parser.add_argument("--quality", type=int, default=85, help="JPEG quality of the test images")
+    add_workload_arguments(parser)
     parser.add_argument("--micro-batch", default="4", help="handler.pipeline.micro_batch for (c); a list runs each")
     parser.add_argument("--decode-processes", type=int, default=2, help="handler.pipeline.decode_processes for (c)")
     parser.add_argument("--sample-interval", type=float, default=1.0, help="seconds between memory samples")

@@ -31,7 +31,7 @@ from .config import HandlerConfig, load_handler_config, with_task_defaults
 from .errors import ConfigError, ModelLoadError, RequestError
 from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
-from .pipeline import Pipeline, plan_threads
+from .pipeline import Pipeline, collect, plan_threads, split_read
 from .preprocess import Batch, Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
 from .stages import DECODE, FETCH, FORWARD, POSTPROCESS, READ, StageClock, StageTimer
@@ -221,36 +221,21 @@ class VisionHandler(BaseHandler):
     def _run_stages(self, data: list[Any], timer: StageTimer) -> tuple[list[Any], list[RequestError | None], int]:
         """The unpipelined path: (results, errors, fallbacks) per row, each stage once for the batch."""
         n = len(data)
-        errors: list[RequestError | None] = [None] * n
-        results: list[Any] = [None] * n
-        fallbacks = 0  # items an accelerated preprocess backend sent to the CPU path
-
-        encoded: list[bytes] = []
-        owners: list[int] = []  # input index of each encoded item
-        for i, item in enumerate(self._read_all(data, timer)):
-            if isinstance(item, RequestError):
-                errors[i] = item
-            else:
-                encoded.append(item)
-                owners.append(i)
-
+        produced, encoded = split_read(self._read_all(data, timer))
+        item_results = None
         if encoded:
             with timer.stage(DECODE):
-                batch, fallbacks = self._preprocess(encoded)
-            for k, err in enumerate(batch.errors):
-                if err is not None:
-                    errors[owners[k]] = err
+                produced.batch, produced.fallbacks = self._preprocess(encoded)
+            batch = produced.batch
             if batch.rows:
                 with torch.inference_mode():
                     outputs = self._timed_forward(batch.tensor, timer)
                     with timer.stage(POSTPROCESS):
                         item_results = self.postprocess(outputs, [batch.geometry[r] for r in batch.rows])
-                for r, result in zip(batch.rows, item_results, strict=True):
-                    if isinstance(result, RequestError):
-                        errors[owners[r]] = result
-                    else:
-                        results[owners[r]] = result
-        return results, errors, fallbacks
+        results: list[Any] = [None] * n
+        errors: list[RequestError | None] = [None] * n
+        collect(produced, item_results, results, errors)
+        return results, errors, produced.fallbacks
 
     def _preprocess(self, encoded: list[bytes]) -> tuple[Batch, int]:
         """The backend's batch for `encoded`, and how many items it sent to its CPU fallback."""
@@ -263,12 +248,11 @@ class VisionHandler(BaseHandler):
         with self._stages.forward(timer, self.device):
             return self.forward(x)
 
-    def _read_all(self, data: list[Any], timer: StageTimer, start: int = 0) -> list[bytes | RequestError]:
-        """Every row's bytes or error; URL items are downloaded concurrently. `start` is the batch
-        index of data[0] (the pipeline reads one micro-batch at a time)."""
+    def _read_all(self, data: list[Any], timer: StageTimer) -> list[bytes | RequestError]:
+        """Every row's bytes or error; URL items of the batch are downloaded concurrently."""
         items: list[bytes | UrlInput | RequestError] = []
         with timer.stage(READ):
-            for i, row in enumerate(data, start):
+            for i, row in enumerate(data):
                 try:
                     items.append(self.read_input(row, i))
                 except RequestError as err:

@@ -35,7 +35,6 @@ stage has its own stream on a GPU.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -48,8 +47,6 @@ import torch
 
 from .errors import RequestError
 from .stages import DECODE, POSTPROCESS, StageTimer
-
-logger = logging.getLogger(__name__)
 
 _QUEUE_POLL_S = 0.05  # how often a blocked stage checks whether the batch was abandoned
 
@@ -76,13 +73,47 @@ def plan_threads(share: int, micro_batch: int, decode_processes: int, threads: i
 
 @dataclass
 class Produced:
-    """One micro-batch after the producer: its rows' results so far and the preprocessed batch."""
+    """A batch (or one micro-batch) after read and preprocess: its rows' errors so far, which row
+    each encoded item came from, and the preprocessed batch."""
 
     owners: list[int]  # input index of each encoded item
     batch: Any = None  # preprocess Batch, or None when no item of the chunk reached the decoder
     ready: Any = None  # CUDA event after the upload (GPU), else None
     fallbacks: int = 0
     read_errors: dict[int, RequestError] = field(default_factory=dict)
+
+
+def split_read(items: list[Any], start: int = 0) -> tuple[Produced, list[bytes]]:
+    """Read results of rows start.. (bytes or the row's RequestError) -> the rows' bookkeeping and
+    the encoded items to preprocess, in row order."""
+    produced = Produced(owners=[])
+    encoded: list[bytes] = []
+    for k, item in enumerate(items):
+        if isinstance(item, RequestError):
+            produced.read_errors[start + k] = item
+        else:
+            encoded.append(item)
+            produced.owners.append(start + k)
+    return produced, encoded
+
+
+def collect(produced: Produced, item_results: list[Any] | None, results: list[Any],
+            errors: list[RequestError | None]) -> None:
+    """Write one (micro-)batch's outcome into the per-row `results` and `errors`: read errors,
+    preprocess errors, then postprocess results (or their RequestErrors)."""
+    for i, err in produced.read_errors.items():
+        errors[i] = err
+    batch = produced.batch
+    if batch is None:
+        return
+    for k, err in enumerate(batch.errors):
+        if err is not None:
+            errors[produced.owners[k]] = err
+    for r, result in zip(batch.rows, item_results or [], strict=True):
+        if isinstance(result, RequestError):
+            errors[produced.owners[r]] = result
+        else:
+            results[produced.owners[r]] = result
 
 
 class _Abandoned(Exception):
@@ -92,14 +123,14 @@ class _Abandoned(Exception):
 class Pipeline:
     """Runs `handle`'s stages over micro-batches on three threads (see the module docstring).
 
-    `read` maps (rows, first index) to bytes-or-RequestError per row, `preprocess` runs the backend
+    `read` maps rows to bytes-or-RequestError per row, `preprocess` runs the backend
     on encoded bytes, `forward` and `postprocess` are the handler's hooks. One Pipeline per handler;
     `run` is called by one thread at a time (TorchServe's worker thread).
     """
 
     def __init__(
         self, micro_batch: int, device: torch.device,
-        read: Callable[[list[Any], StageTimer, int], list[Any]],
+        read: Callable[[list[Any], StageTimer], list[Any]],
         preprocess: Callable[[list[bytes]], tuple[Any, int]],
         forward: Callable[[torch.Tensor, StageTimer], Any],
         postprocess: Callable[[Any, list[Any]], list[Any]],
@@ -141,7 +172,7 @@ class Pipeline:
                 fallbacks += item.fallbacks
                 pending.append((item, self._run_forward(item, timer)))
             for produced, post in pending:
-                self._collect(produced, post.result() if post is not None else None, results, errors)
+                collect(produced, post.result() if post is not None else None, results, errors)
         except BaseException:
             abandoned.set()
             raise
@@ -159,7 +190,7 @@ class Pipeline:
         try:
             # Every row is read first, so the batch's URL items download concurrently (as on the plain
             # path): fetching per micro-batch would add up one fetch timeout per micro-batch.
-            items = self._read(data, timer, 0)
+            items = self._read(data, timer)
             with self._on(self._upload_stream):
                 for start, stop in chunks:
                     if abandoned.is_set():
@@ -176,14 +207,7 @@ class Pipeline:
 
     def _produce_one(self, items: list[Any], start: int, timer: StageTimer) -> Produced:
         """Micro-batch `items` (bytes or the row's RequestError), whose first row is `start`."""
-        produced = Produced(owners=[])
-        encoded: list[bytes] = []
-        for k, item in enumerate(items):
-            if isinstance(item, RequestError):
-                produced.read_errors[start + k] = item
-            else:
-                encoded.append(item)
-                produced.owners.append(start + k)
+        produced, encoded = split_read(items, start)
         if encoded:
             with timer.stage(DECODE):
                 produced.batch, produced.fallbacks = self._preprocess(encoded)
@@ -219,23 +243,6 @@ class Pipeline:
                 self._post_stream.wait_event(forwarded)
             with torch.inference_mode(), timer.stage(POSTPROCESS):
                 return self._postprocess(outputs, geometry)
-
-    @staticmethod
-    def _collect(produced: Produced, item_results: list[Any] | None, results: list[Any],
-                 errors: list[RequestError | None]) -> None:
-        for i, err in produced.read_errors.items():
-            errors[i] = err
-        batch = produced.batch
-        if batch is None:
-            return
-        for k, err in enumerate(batch.errors):
-            if err is not None:
-                errors[produced.owners[k]] = err
-        for r, result in zip(batch.rows, item_results or [], strict=True):
-            if isinstance(result, RequestError):
-                errors[produced.owners[r]] = result
-            else:
-                results[produced.owners[r]] = result
 
     # -- plumbing --------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from ..errors import RequestError
 from . import Batch, Geometry, Normaliser, PreprocessSpec
 # The per-item decode lives in pillow_decode.py (torch-free, for decode processes); re-exported here.
 from .pillow_decode import ACCEPTED_FORMATS, DecodeSpec, decode_into, decode_spec, open_image, orientation  # noqa: F401
-from .pillow_decode import _ORIENTATION, _RESAMPLE, _decode_checked, _plan_oriented, _to_rgb  # noqa: F401
+from .pillow_decode import resample_filter
 
 NAME = "cpu"
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class CpuPreprocessor:
         self.spec = spec
         self.threads = max(1, threads)
         self.processes = max(0, processes)
-        self._resample = _RESAMPLE[spec.interpolation]
+        self._resample = resample_filter(spec.interpolation)
         self._normaliser = Normaliser(spec, spec.dtype)  # constants in the output dtype
         self._buffer = torch.empty((0, *spec.size, 3), dtype=torch.uint8)
         # On a GPU worker the host buffer is pinned and reused, so the upload is a real async DMA;
@@ -102,9 +102,7 @@ class CpuPreprocessor:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self._uploaded is not None:  # the last upload may still read the buffer (GPU, unverified)
-            self._uploaded.synchronize()
-            self._uploaded = None
+        self._wait_for_upload()  # the last upload may still read the buffer (GPU, unverified)
         if self._decoders is not None:
             self._unregister()
             self._buffer = torch.empty((0, *self.spec.size, 3), dtype=torch.uint8)
@@ -124,10 +122,14 @@ class CpuPreprocessor:
         n = len(items)
         return list(self._pool.map(work, range(n))) if self._pool and n > 1 else [work(i) for i in range(n)]
 
-    def _ensure_buffer(self, n: int) -> torch.Tensor:
+    def _wait_for_upload(self) -> None:
+        """Block until the last upload has read the host buffer (before it is overwritten or freed)."""
         if self._uploaded is not None:
             self._uploaded.synchronize()
             self._uploaded = None
+
+    def _ensure_buffer(self, n: int) -> torch.Tensor:
+        self._wait_for_upload()
         if self._decoders is not None:
             frames = self._decoders.reserve(n)
             if frames is not self._frames:
