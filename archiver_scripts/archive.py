@@ -23,13 +23,9 @@ from handlers.artifacts import PORTABLE, ArtifactInfo, metadata_path
 from handlers.config import HandlerConfig, apply_overrides, with_task_defaults
 from handlers.errors import ConfigError
 from handlers.labels import load_labels
+from handlers.tasks import TASK_HANDLERS
 
-TASKS = {
-    "image-classification": "handlers.image_classifier:ImageClassifier",
-    "object-detection": "handlers.tasks.detector:ObjectDetector",
-    "semantic-segmentation": "handlers.tasks.segmenter:SemanticSegmenter",
-    "image-embedding": "handlers.tasks.embedder:ImageEmbedder",
-}
+TASKS = TASK_HANDLERS
 ENTRY_FILE = "tsgpu_entry.py"
 CONFIG_FILE = "model-config.yaml"
 LABELS_FILE = "index_to_name.json"

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from handlers.errors import ConfigError
+from handlers.tasks import TASK_HANDLERS
 
 EXIT_USAGE = 2
 
@@ -25,7 +28,8 @@ def _archive_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("archive", help="package a model with our handler into NAME.mar",
                        description="Build a self-contained TorchServe archive (model, handler code, model-config.yaml).")
     p.add_argument("--name", required=True, help="model name (archive is NAME.mar)")
-    p.add_argument("--task", default="image-classification", help="task handler (default: image-classification)")
+    p.add_argument("--task", default="image-classification", choices=list(TASK_HANDLERS),
+                   help="task handler: %(choices)s (default: %(default)s)")
     p.add_argument("--model", required=True, action="append",
                    help="artifact: .pt2 (torch.export / AOTInductor / TensorRT), .pt (TorchScript) or a state dict; "
                         "repeat for artifacts from `tsgpu compile` for several devices (the worker picks one)")
@@ -85,19 +89,6 @@ def _autoscale_parser(sub: argparse._SubParsersAction) -> None:
 
     add_arguments(sub.add_parser("autoscale", help="scale each model's workers by priority (runs beside torchserve)",
                                  description="Priority autoscaler for a stock TorchServe (docs/autoscaling.md)."))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tsgpu", description="TorchServe GPU handlers: archive, serve, demo.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _compile_parser(sub)
-    _archive_parser(sub)
-    _serve_parser(sub)
-    _demo_parser(sub)
-    _autoscale_parser(sub)
-    _kserve_parser(sub)
-    _profile_parser(sub)
-    return parser
 
 
 def _run_compile(args: argparse.Namespace) -> int:
@@ -212,23 +203,49 @@ def _run_autoscale(args: argparse.Namespace) -> int:
     return run(args)
 
 
+class Command(NamedTuple):
+    """One `tsgpu` command: its name, the function adding its parser, and the one running it."""
+
+    name: str
+    add_parser: Callable[[argparse._SubParsersAction], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    Command("compile", _compile_parser, _run_compile),
+    Command("archive", _archive_parser, _run_archive),
+    Command("serve", _serve_parser, _run_serve),
+    Command("demo", _demo_parser, _run_demo),
+    Command("autoscale", _autoscale_parser, _run_autoscale),
+    Command("kserve", _kserve_parser, _run_kserve),
+    Command("profile", _profile_parser, _run_profile),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tsgpu",
+        description="TorchServe GPU handlers: " + ", ".join(c.name for c in COMMANDS)
+                    + ". Run `tsgpu COMMAND --help` for one command's options.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .archive import ArchiveError
     from .compile import CompileError
     from .java import JavaNotFound
 
-    commands = {"compile": _run_compile, "archive": _run_archive, "serve": _run_serve, "demo": _run_demo,
-                "autoscale": _run_autoscale, "kserve": _run_kserve, "profile": _run_profile}
+    run = {c.name: c.run for c in COMMANDS}[args.command]
     try:
-        return commands[args.command](args)
+        return run(args)
     except (ArchiveError, ConfigError) as exc:
         print(f"tsgpu {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except CompileError as exc:
-        print(f"tsgpu {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except JavaNotFound as exc:
+    except (CompileError, JavaNotFound) as exc:
         print(f"tsgpu {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

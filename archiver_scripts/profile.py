@@ -252,13 +252,6 @@ def tree_cpu_seconds(root: Any) -> float:
         except psutil.Error:
             pass  # exited meanwhile
     return total
-    for child in children:
-        try:
-            t = child.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass  # exited meanwhile
-    return total
 
 
 def measure(handler: Any, context: FakeContext, images: list[bytes], batch_size: int, seconds: float,

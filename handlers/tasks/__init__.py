@@ -6,3 +6,12 @@
 
 Image classification lives in `handlers.image_classifier` (its path predates this package).
 """
+
+# `tsgpu archive --task NAME` -> the handler class an archive of that task runs (module:Class).
+# Kept free of imports so that `tsgpu --help` lists the tasks without loading torch.
+TASK_HANDLERS = {
+    "image-classification": "handlers.image_classifier:ImageClassifier",
+    "object-detection": "handlers.tasks.detector:ObjectDetector",
+    "semantic-segmentation": "handlers.tasks.segmenter:SemanticSegmenter",
+    "image-embedding": "handlers.tasks.embedder:ImageEmbedder",
+}

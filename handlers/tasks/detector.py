@@ -20,6 +20,10 @@ warm-up, and logs its choice):
     torchvision       list of B dicts with boxes [K, 4] (x1, y1, x2, y2), labels [K], scores [K]
                       (eager torchvision detectors); no NMS here unless nms: always
 
+A stated form is taken as stated (the batch dimension, and for yolo C against the archive's labels
+when it has them). Only `auto` guesses, and it reads a 3-D tensor as yolo only when N > 4+C: a yolo
+export at a small input size with many classes (64 px, 80 classes: N = 84 = 4+C) needs the option.
+
 All post-processing runs on the model's device on the whole batch at once (the candidates of every
 image in one set, NMS groups keyed by image and class), and the batch's detections cross to the host
 in one transfer at the end.
@@ -49,7 +53,7 @@ logger = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("yolo", "xyxy_score_class", "torchvision")
 _OPTION = "handler.detector.output_format"
 _FORMS = (
-    "yolo [B, 4+C, N] (N > 4+C), xyxy_score_class [B, N, 6] or "
+    "yolo [B, 4+C, N], xyxy_score_class [B, N, 6] or "
     "torchvision list[dict(boxes, labels, scores)]"
 )
 # NMS groups are image * _CLASS_SPAN + class: distinct for every (image, class) pair of ids below it.
@@ -115,8 +119,15 @@ def _is_torchvision(outputs: Any) -> bool:
     )
 
 
+def _is_yolo(outputs: Any) -> bool:
+    """[B, 4+C, N] with at least one class: the form as stated, whatever N is."""
+    return isinstance(outputs, torch.Tensor) and outputs.dim() == 3 and outputs.shape[1] >= 5
+
+
 def _could_be_yolo(outputs: Any) -> bool:
-    return isinstance(outputs, torch.Tensor) and outputs.dim() == 3 and 5 <= outputs.shape[1] < outputs.shape[2]
+    """`auto`'s reading of yolo: also more candidates than channels (N > 4+C), as in every export
+    at its usual input size; a smaller N is yolo only when the option says so."""
+    return _is_yolo(outputs) and outputs.shape[1] < outputs.shape[2]
 
 
 def _could_be_xyxy(outputs: Any) -> bool:
@@ -125,7 +136,7 @@ def _could_be_xyxy(outputs: Any) -> bool:
 
 def detect_output_format(outputs: Any) -> str:
     """Tell the output format from a (unwrapped) model output; raises ModelLoadError when the shape
-    fits none of them or fits two."""
+    fits none of them or fits two, saying how `auto` read it."""
     if _is_torchvision(outputs) and len(outputs) > 0:
         return "torchvision"
     candidates = [name for name, fits in (("yolo", _could_be_yolo(outputs)),
@@ -134,20 +145,33 @@ def detect_output_format(outputs: Any) -> str:
         return candidates[0]
     if candidates:
         raise ModelLoadError(
-            f"object detector: the model returned {describe(outputs)}, which reads as yolo "
-            f"[B, 4+C, N] and as xyxy_score_class [B, N, 6]; set {_OPTION} to yolo or xyxy_score_class"
+            f"object detector: {_OPTION} is auto and the model returned {describe(outputs)}, which "
+            f"reads as yolo [B, 4+C, N] and as xyxy_score_class [B, N, 6]; set {_OPTION} to yolo or "
+            f"xyxy_score_class"
+        )
+    if _is_yolo(outputs):
+        _, channels, candidates_n = outputs.shape
+        raise ModelLoadError(
+            f"object detector: {_OPTION} is auto and the model returned {describe(outputs)}: auto reads "
+            f"[B, A, N] as yolo [B, 4+C, N] only when N > A (more candidates than channels), and here "
+            f"N = {candidates_n} <= A = {channels}, so it is read as no form; if the model is a yolo "
+            f"export ({channels - 4} classes, {candidates_n} candidates), set {_OPTION} to yolo"
         )
     raise ModelLoadError(
-        f"object detector: the model returned {describe(outputs)}, which is none of the output "
-        f"forms {_FORMS}; export the model in one of them and set {_OPTION} "
+        f"object detector: {_OPTION} is auto and the model returned {describe(outputs)}, which is none "
+        f"of the output forms {_FORMS}; export the model in one of them and set {_OPTION} "
         f"(auto | {' | '.join(OUTPUT_FORMATS)})"
     )
 
 
-def check_output(outputs: Any, output_format: str, batch: int) -> None:
+def check_output(outputs: Any, output_format: str, batch: int, num_labels: int = 0) -> None:
     """Raise ModelLoadError, naming the shape and the option, unless `outputs` is `output_format`
-    for a batch of `batch` images."""
-    fits = {"yolo": _could_be_yolo, "xyxy_score_class": _could_be_xyxy, "torchvision": _is_torchvision}
+    for a batch of `batch` images.
+
+    A stated form is taken as stated: only its structure is checked (and, for yolo, C against the
+    archive's `num_labels` when it has labels), never `auto`'s N > 4+C heuristic.
+    """
+    fits = {"yolo": _is_yolo, "xyxy_score_class": _could_be_xyxy, "torchvision": _is_torchvision}
     if output_format not in fits:
         raise ConfigError(f"{_OPTION}: {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     if not fits[output_format](outputs):
@@ -159,6 +183,12 @@ def check_output(outputs: Any, output_format: str, batch: int) -> None:
         raise ModelLoadError(
             f"object detector: the model returned {describe(outputs)} for a batch of {batch} images; "
             f"the first dimension must be the batch"
+        )
+    if output_format == "yolo" and num_labels and outputs.shape[1] - 4 != num_labels:
+        raise ModelLoadError(
+            f"object detector: the model returned {describe(outputs)}, read as yolo [B, 4+C, N] with "
+            f"C = {outputs.shape[1] - 4} classes, but the archive's {LABELS_FILE} has {num_labels} "
+            f"labels: give one label per class (index 0..C-1), or check {_OPTION}"
         )
 
 
@@ -326,7 +356,7 @@ class ObjectDetector(VisionHandler):
             self.output_format = detect_output_format(outputs)
             logger.info("%s auto: the model returns %s, read as %s (NMS here: %s)", _OPTION,
                         describe(outputs), self.output_format, self.params.runs_nms(self.output_format))
-        check_output(outputs, self.output_format, len(geometry))
+        check_output(outputs, self.output_format, len(geometry), len(self.labels))
         per_image = detect(outputs, geometry, self.output_format, self.params)
         results: list[Any] = [self.result(dets, g) for dets, g in zip(per_image, geometry)]
         # The optional result-table stage (handler.table: rules that filter or rename detections)

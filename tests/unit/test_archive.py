@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import zipfile
@@ -9,8 +10,8 @@ import zipfile
 import pytest
 import yaml
 
-from archiver_scripts.archive import ArchiveError, build_archive
-from archiver_scripts.cli import main
+from archiver_scripts.archive import TASKS, ArchiveError, build_archive
+from archiver_scripts.cli import COMMANDS, build_parser, main
 from handlers.errors import ConfigError
 from tests import models
 
@@ -129,6 +130,24 @@ def test_cli_success_and_usage_errors(artifacts, tmp_path, capsys):
                  "--export-path", str(tmp_path)])
     assert code == 2
     assert "crop_size: 512 is larger than resize_size 256" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_every_task(capsys):
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert sorted(sub.choices) == sorted(c.name for c in COMMANDS)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    described = top.split("TorchServe GPU handlers:")[1].split(".")[0]
+    assert all(name in described for name in sub.choices), (described, list(sub.choices))
+    with pytest.raises(SystemExit):
+        main(["archive", "--help"])
+    task_help = " ".join(capsys.readouterr().out.split())
+    assert all(task in task_help for task in TASKS) and "object-detection" in task_help
+    with pytest.raises(SystemExit) as exit_info:
+        main(["archive", "--name", "x", "--model", "m.pt", "--export-path", "s", "--task", "detection"])
+    assert exit_info.value.code == 2 and "invalid choice: 'detection'" in capsys.readouterr().err
 
 
 def test_table_rules_are_checked_at_build_time(artifacts, tmp_path):

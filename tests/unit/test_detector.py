@@ -333,6 +333,35 @@ def test_an_output_of_the_wrong_shape_fails_model_load(tmp_path, model, option, 
         ObjectDetector().initialize(ctx)
 
 
+def test_an_explicit_yolo_form_is_taken_as_stated_when_n_is_not_above_4_plus_c(tmp_path, case_images):
+    # [B, 7, 4]: N = 4 <= 4+C = 7, like a YOLO at 64 px with 80 classes ([B, 84, 84]).
+    directory = model_dir_with(tmp_path)
+    config = {"model": eager("RedBoxYoloFewCandidates"), "preprocess": {"backend": "cpu"},
+              "detector": {"output_format": "yolo"}}
+    handler, ctx = start(directory, config)
+    [response] = run_handler(handler, ctx, [raw_request(case_images[0])])
+    _, _, _, box, _ = CASES[0]
+    [det] = response.body["detections"]  # the shifted duplicate is removed by NMS
+    assert (det["class_id"], det["label"], det["score"]) == (2, "red_box", 0.9)
+    assert max(abs(a - b) for a, b in zip(det["box"], box)) < 6  # within test_boxes_land_...'s tolerance
+
+
+def test_auto_says_how_it_read_a_yolo_shape_with_few_candidates(tmp_path):
+    ctx = FakeContext(model_dir_with(tmp_path), handler_config={"model": eager("RedBoxYoloFewCandidates")})
+    with pytest.raises(ModelLoadError, match=r"auto reads .* as yolo .* only when N > A .* N = 4 <= A = 7.*"
+                                              r"set handler\.detector\.output_format to yolo"):
+        ObjectDetector().initialize(ctx)
+
+
+def test_an_explicit_yolo_form_checks_its_classes_against_the_labels(tmp_path):
+    directory = model_dir_with(tmp_path)
+    (directory / "index_to_name.json").write_text(json.dumps({"0": "person", "1": "red_box"}))
+    ctx = FakeContext(directory, handler_config={"model": eager("RedBoxYoloFewCandidates"),
+                                                 "detector": {"output_format": "yolo"}})
+    with pytest.raises(ModelLoadError, match=r"C = 3 classes, but the archive's index_to_name.json has 2 labels"):
+        ObjectDetector().initialize(ctx)
+
+
 FRCNN_SOURCE = '''
 from torch import nn
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn

@@ -19,7 +19,6 @@ from archiver_scripts import samples
 from handlers.image_classifier import ImageClassifier
 from handlers.pipeline import plan_threads
 from handlers.stages import DECODE, FORWARD, POSTPROCESS, READ
-from handlers.tasks.detector import ObjectDetector
 from handlers.testing import FakeContext, json_request, raw_request, run_handler
 from tests.unit import test_detector as det
 
