@@ -18,6 +18,12 @@ and retried with a backoff, never raised out of `run`:
 - a scale call that fails: logged, that model backs off (interval x 2^n, <= 5 min).
 - a worker that cannot start (still not READY after settle_timeout_s): logged once, no scale-up of
   that model until its workers are READY; TorchServe keeps retrying the worker itself.
+- metrics without the series the decisions read (TorchServe's default metrics_mode=log): the model
+  is blind (`signals.BlindWatch`): an error naming the fix, tsgpu_autoscale_blind{model} 1, and its
+  workers held (reason `blind`) rather than moved on counters that read 0 for want of data.
+
+Each tick's decision is logged at DEBUG, and at INFO when it changes workers or differs from the
+model's previous decision (a held decision under load is visible with --log-level DEBUG).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from . import decide
 from .decide import Decision, ModelState, Observation, Sample, Want
 from .exporter import Registry
 from .policy import ModelPolicy, Policy
+from .signals import BlindWatch
 from .torchserve import (
     AuthError, ManagementClient, ModelInfo, ModelNotFound, ScaleFailed, TorchServeError, Unreachable,
     gpu_memory_mb_by_pid, scrape_metrics,
@@ -70,6 +77,7 @@ class Controller:
         self.retry_at: dict[str, float] = {}
         self.last_logged: dict[str, tuple[int, str]] = {}
         self.stalled: set[str] = set()  # models whose workers did not become READY in time
+        self.blind = BlindWatch(self.registry, metrics_url)
         self.tick_failures = 0
 
     # -- the loop ------------------------------------------------------------------------------
@@ -110,14 +118,18 @@ class Controller:
         infos = self._describe_all()
         self.registry.set("tsgpu_autoscale_torchserve_up", 1)
         self.registry.inc("tsgpu_autoscale_ticks_total")
+        blind = self.blind.update(counters, infos, now)
         for name, info in infos.items():
+            if name in blind:
+                self.states[name] = ModelState()  # zeros read while blind are missing data, not load
+                continue
             c = counters.get(name, {})
             sample = Sample(t=now, requests=c.get("ts_inference_requests_total", 0.0),
                             queue_us=c.get("ts_queue_latency_microseconds", 0.0),
                             latency_us=c.get("ts_inference_latency_microseconds", 0.0), pending=info.pending)
             self.states[name].observe(sample, self.policy.models[name].look_back_s)
         costs = self._measured_costs(infos)
-        wants = {name: self._want(name, info, costs.get(name), now) for name, info in infos.items()}
+        wants = {name: self._want(name, info, costs.get(name), now, name in blind) for name, info in infos.items()}
         decisions = decide.allocate(self.policy, wants, costs)
         applied = self._apply(decisions, infos)
         self._export(decisions, infos, applied)
@@ -134,6 +146,7 @@ class Controller:
                     self.registry.inc("tsgpu_autoscale_errors_total", kind=exc.kind)
                 self.missing.add(name)
                 self.states[name] = ModelState()
+                self.blind.forget(name)
                 self._clear_gauges(name)
                 continue
             if name in self.missing:
@@ -141,10 +154,12 @@ class Controller:
                 self.missing.discard(name)
         return infos
 
-    def _want(self, name: str, info: ModelInfo, cost: float | None, now: float) -> Want:
+    def _want(self, name: str, info: ModelInfo, cost: float | None, now: float, blind: bool = False) -> Want:
         mp = self.policy.models[name]
         obs = Observation(workers=info.min_workers, ready=info.ready, batch_size=info.batch_size, memory_mb=cost)
         want = decide.assess(mp, obs, self.states[name], now)
+        if blind and want.reason not in (decide.BELOW_MIN, decide.ABOVE_MAX):
+            return Want(name, want.current, want.current, decide.BLIND)  # the policy's bounds need no load
         self._note_stalled(name, info, now)
         if now < self.retry_at.get(name, -math.inf) and want.want > want.current:
             return Want(name, want.current, want.current, BACKOFF, want.load, want.ratio)
@@ -234,16 +249,19 @@ class Controller:
 
     def _log_decision(self, d: Decision, info: ModelInfo) -> None:
         key = (d.target, d.reason)
-        if not d.changes and self.last_logged.get(d.model) == key:
-            return  # a steady hold is logged once, not every tick
+        # every tick at DEBUG; at INFO what changes workers or differs from the previous tick
+        level = logging.INFO if d.changes or self.last_logged.get(d.model) != key else logging.DEBUG
         self.last_logged[d.model] = key
         mp = self.policy.models[d.model]
         figures = d.load.describe() if d.load else "no load window yet"
+        if d.reason == decide.BLIND:
+            figures = f"no load: the metrics lack its series (see the error above); pending={info.pending}"
         ratio = "-" if d.ratio is None else f"{d.ratio:.2f}"
         prefix = "dry-run: would scale" if self.dry_run and d.changes else "decision:"
-        log.info("%s model=%s workers %d -> %d reason=%s want=%d ready=%d ratio=%s %s %s priority=%d range=[%d,%d]",
-                 prefix, d.model, d.current, d.target, d.reason, d.want, info.ready, ratio, _targets(mp),
-                 figures, mp.priority, mp.min_workers, mp.max_workers)
+        log.log(level,
+                "%s model=%s workers %d -> %d reason=%s want=%d ready=%d ratio=%s %s %s priority=%d range=[%d,%d]",
+                prefix, d.model, d.current, d.target, d.reason, d.want, info.ready, ratio, _targets(mp),
+                figures, mp.priority, mp.min_workers, mp.max_workers)
 
     # -- own metrics ---------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ HOLD = "hold"
 SETTLING = "settling"
 START_TIMEOUT = "start_timeout"  # workers set but not READY after settle_timeout_s: no scale-up
 NO_DATA = "no_data"
+BLIND = "blind"  # the metrics lack the series the decision reads (autoscaler/signals.py): hold
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@
     tsgpu_autoscale_pending{model}                 mean pending requests over the window
     tsgpu_autoscale_decisions_total{model,reason}  worker changes decided, by reason
     tsgpu_autoscale_errors_total{kind}             failed calls (unreachable, auth, scale_failed, ...)
+    tsgpu_autoscale_blind{model}                   1 when the metrics lack the series its decisions read
     tsgpu_autoscale_torchserve_up                  1 when the last tick reached TorchServe
     tsgpu_autoscale_ticks_total                    control ticks run
 """
@@ -26,6 +27,8 @@ _HELP = {
     "tsgpu_autoscale_pending": ("gauge", "Mean pending requests over the look-back window."),
     "tsgpu_autoscale_decisions_total": ("counter", "Worker-count changes decided, by reason."),
     "tsgpu_autoscale_errors_total": ("counter", "Failed TorchServe calls, by kind."),
+    "tsgpu_autoscale_blind": ("gauge", "1 when the metrics lack the series the model's decisions read "
+                              "(set metrics_mode=prometheus), else 0."),
     "tsgpu_autoscale_torchserve_up": ("gauge", "1 when the last tick reached TorchServe, else 0."),
     "tsgpu_autoscale_ticks_total": ("counter", "Control ticks run."),
 }

@@ -20,13 +20,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", type=Path,
                    help="TorchServe key_file.json (token authorization; default: ./key_file.json if present)")
     p.add_argument("--dry-run", action="store_true", help="print decisions, change nothing")
+    p.add_argument("--check", action="store_true",
+                   help="verify the set-up (addresses, key file, metrics_mode=prometheus, the policy's models "
+                        "registered), print one line per check and exit: 0 when all pass, 1 otherwise")
     p.add_argument("--listen", default="127.0.0.1:9465", metavar="HOST:PORT",
                    help="serve the autoscaler's own Prometheus metrics here (default 127.0.0.1:9465; 'off' to disable)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def key_file_of(args: argparse.Namespace) -> Path | None:
+    """--key-file, else ./key_file.json when present (where torchserve writes it when started here)."""
+    if args.key_file is None and Path("key_file.json").is_file():
+        return Path("key_file.json")
+    return args.key_file
+
+
+def check(args: argparse.Namespace) -> int:
+    """`--check`: every check of the set-up, one line each; 0 when all pass, 1 otherwise."""
+    from .check import report, run_checks
+    from .torchserve import KeyFile, ManagementClient
+
+    management = ManagementClient(args.management, KeyFile(key_file_of(args)))
+    return report(run_checks(args.policy, management, args.metrics))
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the policy, then run the loop until SIGINT/SIGTERM. Raises PolicyError on a bad policy."""
+    if args.check:
+        return check(args)
     from .controller import Controller
     from .exporter import Registry, serve
     from .policy import PolicyError, load_policy
@@ -34,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     logging.basicConfig(level=args.log_level, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
-    key_file = args.key_file
-    if key_file is None and Path("key_file.json").is_file():
-        key_file = Path("key_file.json")
+    key_file = key_file_of(args)
     registry = Registry()
     server = None
     if args.listen != "off":

@@ -7,7 +7,10 @@
 - `ManagementClient`: `GET /models/{name}` -> `ModelInfo`, and
   `PUT /models/{name}?min_worker=N&max_worker=N[&synchronous=true]` (TorchServe only adds workers
   below min and removes those above max, so min = max = N).
-- `scrape_metrics`: `ts_*` counters per model from the metrics address (metrics_mode=prometheus).
+- `scrape_metrics`: `ts_*` counters per model from the metrics address (metrics_mode=prometheus), and
+  the metric families the answer declares (`Scrape.families`): with TorchServe's default
+  metrics_mode=log the address answers 200 with an empty body, which `autoscaler.signals` tells apart
+  from an idle model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -173,6 +177,24 @@ class ManagementClient:
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise TorchServeError(f"GET /models/{name}: unexpected answer ({exc}): {body[:200]!r}") from None
 
+    def list_models(self) -> list[str]:
+        """Names of the registered models (`GET /models`, every page)."""
+        names: list[str] = []
+        token = ""
+        while True:
+            query = urllib.parse.urlencode({"limit": 100, **({"next_page_token": token} if token else {})})
+            status, body = self._call("GET", f"/models?{query}", self.timeout)
+            if status != 200:
+                raise TorchServeError(f"GET /models: HTTP {status}: {_message(body)}")
+            try:
+                data = json.loads(body)
+                names += [str(m["modelName"]) for m in data.get("models", [])]
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise TorchServeError(f"GET /models: unexpected answer ({exc}): {body[:200]!r}") from None
+            token = str(data.get("nextPageToken") or "")
+            if not token:
+                return names
+
     def scale(self, name: str, workers: int, wait: bool = True) -> str:
         """Set min = max = workers. `wait`: until TorchServe has started or stopped them (synchronous=true);
         else TorchServe answers 202 at once and starts the workers in the background."""
@@ -301,6 +323,28 @@ def _parse_labels(body: str) -> dict[str, str]:
     return labels
 
 
+class Scrape(dict[str, dict[str, float]]):
+    """{model: {counter: value}} of one scrape, and `families`: every metric name the answer declares
+    (`# HELP` / `# TYPE` lines and samples), None when not known (a fake in tests). TorchServe in
+    metrics_mode=prometheus declares the ts_* families from its start, before any request; in log
+    mode (its default) the address answers 200 with an empty body (measured, 0.12.0)."""
+
+    def __init__(self, counters: Mapping[str, Mapping[str, float]] | None = None,
+                 families: frozenset[str] | None = None) -> None:
+        super().__init__({name: dict(c) for name, c in (counters or {}).items()})
+        self.families = families
+
+
+def metric_families(text: str) -> frozenset[str]:
+    """Metric names declared in a Prometheus text exposition (HELP/TYPE lines and sample names)."""
+    names = {name for name, _, _ in parse_prometheus(text)}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == "#" and fields[1] in ("HELP", "TYPE"):
+            names.add(fields[2])
+    return frozenset(names)
+
+
 def model_counters(text: str) -> dict[str, dict[str, float]]:
     """{model: {counter: value}} for the ts_* counters, summed over model versions."""
     out: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0.0))
@@ -310,11 +354,14 @@ def model_counters(text: str) -> dict[str, dict[str, float]]:
     return dict(out)
 
 
-def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, dict[str, float]]:
-    """GET {url}/metrics and return the per-model counters."""
+def metrics_endpoint(url: str) -> str:
     target = url.rstrip("/")
-    if not target.endswith("/metrics"):
-        target += "/metrics"
+    return target if target.endswith("/metrics") else target + "/metrics"
+
+
+def scrape_metrics(url: str, timeout: float = 10.0) -> Scrape:
+    """GET {url}/metrics: the per-model counters and the families declared."""
+    target = metrics_endpoint(url)
     try:
         with urllib.request.urlopen(target, timeout=timeout) as response:
             text = response.read().decode("utf-8", "replace")
@@ -322,7 +369,7 @@ def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, dict[str, float
         raise TorchServeError(f"metrics at {target}: HTTP {exc.code} (is metrics_mode=prometheus set?)") from None
     except (urllib.error.URLError, OSError) as exc:
         raise Unreachable(f"TorchServe metrics at {target} unreachable ({getattr(exc, 'reason', exc)})") from None
-    return model_counters(text)
+    return Scrape(model_counters(text), metric_families(text))
 
 
 def gpu_memory_mb_by_pid() -> dict[int, dict[int, float]]:

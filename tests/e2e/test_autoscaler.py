@@ -1,9 +1,11 @@
 """`tsgpu autoscale` driving a real torchserve (token auth on) with two tenants on one CPU budget.
 
-One test, one story, so the server starts once: load on the high-priority model raises it to its
-max while the low-priority model gives workers back to the budget; after the load both are at their
-minimum; no request of the load is lost or answered 5xx; then TorchServe restarts (new keys), its
-management key expires, and a model is unregistered, with the controller logging and carrying on.
+One test, one story, so the server starts once: `--check` passes on the set-up; load on the
+high-priority model raises it to its max while the low-priority model gives workers back to the
+budget; after the load both are at their minimum; no request of the load is lost or answered 5xx;
+then TorchServe restarts (new keys), its management key expires, and a model is unregistered, with
+the controller logging and carrying on. Apart: a torchserve in its default metrics_mode (log), where
+the controller says it is blind and `--check` fails, and scale from zero.
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def wait_for(predicate, timeout: float, what: str, log=None):
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{log() if log else ''}")
+
+
+def check(*args: str) -> tuple[int, str]:
+    """`tsgpu autoscale --check ARGS`: exit status and output."""
+    done = subprocess.run([sys.executable, "-m", "archiver_scripts.cli", "autoscale", "--check", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
 
 
 def workers(client: ManagementClient, name: str) -> tuple[int, int]:
@@ -143,6 +152,13 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
                  "hi (1 worker) and lo (2 workers) READY", ts.log_tail)
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY)
+        addresses = ["--management", ts.management_url, "--metrics", ts.metrics_url, "--key-file", str(key_file)]
+        sound = tmp_path / "sound.yaml"  # the policy without `ghost`, which is not registered
+        sound.write_text(POLICY.split("  ghost:")[0])
+        code, out = check("--policy", str(sound), *addresses)
+        assert code == 0 and "FAIL" not in out and "ok    metrics mode: prometheus" in out, out
+        code, out = check("--policy", str(policy), *addresses)
+        assert code == 1 and "FAIL  model ghost: not registered" in out, out
         port = free_port()
         controller = subprocess.Popen(
             [sys.executable, "-m", "archiver_scripts.cli", "autoscale", "--policy", str(policy),
@@ -183,6 +199,7 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
         assert metrics['tsgpu_autoscale_decisions_total{model="lo",reason="preempted"}'] == 1
         assert metrics['tsgpu_autoscale_decisions_total{model="hi",reason="scale_down"}'] == 2
         assert metrics['tsgpu_autoscale_workers{model="hi"}'] == 1
+        assert metrics['tsgpu_autoscale_blind{model="hi"}'] == 0 and metrics['tsgpu_autoscale_blind{model="lo"}'] == 0
         assert workers(client, "lo") == (1, 1)
         text = ctl_log.read_text()
         assert "model 'ghost' is not registered" in text
@@ -219,6 +236,60 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
             controller.terminate()
             controller.wait(timeout=20)
         ts.stop()
+
+
+BLIND_POLICY = """
+interval_s: 1
+models:
+  hi: {min_workers: 1, max_workers: 3, target_queue_ms: 20, upscale_delay_s: 1, look_back_s: 3}
+"""
+
+
+def test_log_mode_is_reported_blind_and_fails_the_check(store, tmp_path):
+    """TorchServe's default metrics_mode=log: the metrics address answers, empty. Under load the
+    controller logs an error naming the fix, exports tsgpu_autoscale_blind 1 and holds (with the
+    same load, prometheus mode scales hi up within seconds: the test above); --check exits 1."""
+    ctl_log = tmp_path / "autoscale.log"
+    controller = None
+    with TorchServe(store, models=["hi.mar"], workdir=tmp_path / "ts", env={"OMP_NUM_THREADS": "1"},
+                    properties={"metrics_mode": "log"}) as ts:
+        try:
+            ts.wait_ready(["hi"], timeout=180)
+            policy = tmp_path / "policy.yaml"
+            policy.write_text(BLIND_POLICY)
+            addresses = ["--policy", str(policy), "--management", ts.management_url, "--metrics", ts.metrics_url]
+            code, out = check(*addresses)
+            assert code == 1 and "FAIL  metrics mode:" in out, out
+            assert "metrics_mode=prometheus in config.properties" in out
+            assert "ok    model hi: registered" in out, out
+            port = free_port()
+            controller = subprocess.Popen(
+                [sys.executable, "-m", "archiver_scripts.cli", "autoscale", *addresses, "--listen", f"127.0.0.1:{port}",
+                 "--log-level", "DEBUG"], cwd=REPO, stdout=open(ctl_log, "w"), stderr=subprocess.STDOUT)
+            log = lambda: ctl_log.read_text() + "\n" + ts.log_tail(20)  # noqa: E731
+            wait_for(lambda: exported(port).get('tsgpu_autoscale_blind{model="hi"}') == 1, 30, "hi reported blind", log)
+            heavy = Load(ts.inference_url, "hi", "", encode(mosaic(96, 96), "JPEG"), threads=6)
+            try:
+                ticks = exported(port)["tsgpu_autoscale_ticks_total"]
+                wait_for(lambda: exported(port)["tsgpu_autoscale_ticks_total"] >= ticks + 5, 30,
+                         "5 ticks under load", log)
+                client = ManagementClient(ts.management_url, KeyFile(None))
+                assert client.describe("hi").pending > 0, "no queue: the load did not load"
+            finally:
+                statuses = heavy.finish()
+            assert statuses[200] > 0 and workers(client, "hi") == (1, 1)
+            text = ctl_log.read_text()
+            errors = [line for line in text.splitlines() if " ERROR " in line]
+            # at the start, and again when requests queue that it cannot weigh (then every 5 min)
+            assert len(errors) == 2 and all("blind for model hi" in e for e in errors), text
+            assert all("metrics_mode=prometheus in config.properties" in e for e in errors)
+            assert "requests pending now, which it cannot weigh: hi=" in errors[1]
+            assert text.count("reason=blind") >= 6, text  # each tick's decision, at DEBUG
+            assert "reason=scale_up" not in text and "Traceback" not in text
+        finally:
+            if controller is not None:
+                controller.terminate()
+                controller.wait(timeout=20)
 
 
 def _ports(ts: TorchServe) -> tuple[int, int, int]:
