@@ -10,13 +10,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tsgpu-installed
 TEST_STAMP := $(VENV)/.tsgpu-test-installed
 
-.PHONY: demo test bench clean help prometheus-tools
+.PHONY: demo test bench clean help prometheus-tools gpu-bundle
 
 help:
 	@echo "make demo   - demo classifier end to end through a real torchserve"
 	@echo "make test   - all tests (unit + end-to-end)"
 	@echo "make bench  - serving benchmark: our handler vs TorchServe's stock handler"
 	@echo "make clean  - remove .venv and built archives"
+	@echo "make gpu-bundle - the small bundle a GPU window installs (docs/gpu-verification.md)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if (3, 10) <= v[:2] <= (3, 12) else "Python 3.10-3.12 is required, found %d.%d: set PYTHON=python3.11 (for example)" % v[:2])'
@@ -26,7 +27,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Tests also run the DALI backend as a CPU pipeline: install it, and fail (not skip) without it.
+# [dali] is the CUDA 13 build; a venv made before it held the CUDA 12 one (and its nvImageCodec
+# libraries), whose files have the same paths: remove those first, or uninstalling them later would
+# delete the CUDA 13 files.
+CU12_DALI := nvidia-dali-cuda120 nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 nvidia-nvjpeg2k-cu12 \
+	nvidia-nvtiff-cu12 nvidia-libnvcomp-cu12
 $(TEST_STAMP): $(STAMP)
+	$(PY) -m pip uninstall --quiet --yes $(CU12_DALI) 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev,dali]'
 	@touch $(TEST_STAMP)
 
@@ -42,6 +49,13 @@ prometheus-tools:
 
 test: $(TEST_STAMP) prometheus-tools
 	TSGPU_REQUIRE_DALI=1 $(PY) -m pytest -q -rs tests
+
+# The bundle a GPU window installs (TorchServe's Python package without its Java frontend jar,
+# torch-model-archiver, pycocotools for the GPU host's Python 3.12, pytest-timeout): about 1 MiB,
+# with its sha256, in gpu-bundle/ (git-ignored). Needs pip and a package index, not the venv.
+GPU_BUNDLE ?= gpu-bundle
+gpu-bundle:
+	$(PYTHON) benchmarks/gpu_check.py bundle --out $(GPU_BUNDLE)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet captum  # TorchServe's stock vision handler imports it

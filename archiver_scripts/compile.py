@@ -39,6 +39,7 @@ from handlers.artifacts import (
     CPU_TARGETS, METADATA_VERSION, cpu_target_supported, device_info, library_versions, metadata_path,
     native_cpu_precision,
 )
+from handlers.extras import install_hint
 
 from .surgery import PassReport, _first_tensor, run_passes
 
@@ -208,7 +209,7 @@ def build_tensorrt(model, sample, opts, path: Path, device: torch.device) -> Cal
     try:
         import torch_tensorrt
     except ImportError:
-        raise CompileError("torch-tensorrt is not installed: pip install 'torchserve-gpu-handlers[trt]'") from None
+        raise CompileError(f"torch-tensorrt is not installed: {install_hint('trt')}") from None
     program = _export(model, sample, opts.batch)
     shape = tuple(sample.shape[1:])
     inputs = [torch_tensorrt.Input(

@@ -6,6 +6,10 @@ loaded the way the handler loads it; eager is the untouched torchvision model in
     python benchmarks/backbones.py [--model torchvision:resnet50] [--device cpu] [--batches 1 8]
         [--backends export aoti aoti+cl aoti:bf16 ...] [--repeat 20]
 
+A backend whose library is missing here (tensorrt without torch_tensorrt, or on a CPU) is reported as
+`# not measured: LABEL: reason` and the other rows are still measured; a compile or load failure is
+reported the same way and makes the exit status 1 after the table.
+
 All rows of a batch size are timed interleaved (one call of each in turn), and every precision
 below fp32 also gets an eager row at that precision, so the table separates compile from precision.
 """
@@ -28,10 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from archiver_scripts.compile import DTYPES, CompileOptions, compile_model, load_model  # noqa: E402
+from archiver_scripts.compile import DTYPES, CompileError, CompileOptions, compile_model, load_model  # noqa: E402
 from handlers.artifacts import cpu_model_name, native_cpu_precision  # noqa: E402
 from handlers.backbone import load_backbone  # noqa: E402
 from handlers.config import ModelConfig  # noqa: E402
+from handlers.errors import ModelLoadError  # noqa: E402
+from handlers.extras import install_hint  # noqa: E402
 
 
 def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.device,
@@ -115,6 +121,18 @@ def parse_variant(spec: str, precision: str = "fp32", channels_last: bool = Fals
                    "x86-64-v3" if "v3" in flags else "native")
 
 
+def unavailable(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot be measured here (a missing optional library), or None."""
+    if backend == "tensorrt":
+        if device.type != "cuda":
+            return f"TensorRT needs a CUDA device, this run is on {device}"
+        try:
+            import torch_tensorrt  # noqa: F401
+        except Exception as exc:  # ImportError, or TensorRT's libraries failing to load
+            return f"torch_tensorrt is not importable ({type(exc).__name__}: {exc}); {install_hint('trt')}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="torchvision:resnet50")
@@ -145,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     clash = {l for l in labels if labels.count(l) > 1 or l.startswith("eager ")}
     if clash:
         raise SystemExit(f"--backends: {', '.join(sorted(clash))} given twice or clashing with the eager rows")
+    # A backend whose library is absent is reported and left out; the others are still measured.
+    missing = {label: unavailable(v.backend, device) for v, label in zip(variants, labels)}
+    for label, reason in missing.items():
+        if reason:
+            print(f"# not measured: {label}: {reason}", flush=True)
+    variants = [v for v, label in zip(variants, labels) if not missing[label]]
+    labels = [label for label in labels if not missing[label]]
+    failed: dict[str, str] = {}
     runners = {"eager fp32": (eager, torch.float32, False)}
     if not args.no_eager_precision:
         # The same eager model at each compiled precision: separates what compiling buys from what
@@ -157,14 +183,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(eager.state_dict(), weights)  # fixed weights: compiles hit the cache when repeated
         for i, (v, label) in enumerate(zip(variants, labels)):
             t0 = time.perf_counter()
-            result = compile_model(CompileOptions(
-                model=args.model, weights=str(weights), output=Path(tmp) / f"{i}-{v.backend}", backend=v.backend,
-                device=args.device, precision=v.precision,
-                batch=(top, top, top) if v.static_batch else (1, max(2, min(8, top)), max(2, top)),
-                cache_dir=args.cache_dir, channels_last=v.channels_last, cpu_target=v.cpu_target,
-            ), log=lambda m: print("   " + m, flush=True))
-            print(f"{label}: compiled ({result.meta['backend']}) in {time.perf_counter() - t0:.1f}s", flush=True)
-            bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), device)
+            try:
+                result = compile_model(CompileOptions(
+                    model=args.model, weights=str(weights), output=Path(tmp) / f"{i}-{v.backend}", backend=v.backend,
+                    device=args.device, precision=v.precision,
+                    batch=(top, top, top) if v.static_batch else (1, max(2, min(8, top)), max(2, top)),
+                    cache_dir=args.cache_dir, channels_last=v.channels_last, cpu_target=v.cpu_target,
+                ), log=lambda m: print("   " + m, flush=True))
+                print(f"{label}: compiled ({result.meta['backend']}) in {time.perf_counter() - t0:.1f}s", flush=True)
+                bb = load_backbone(result.artifact.parent, result.artifact.name, ModelConfig(), device)
+            except (CompileError, ModelLoadError) as exc:  # the other rows are still worth measuring
+                failed[label] = f"{type(exc).__name__}: {exc}"
+                print(f"# FAILED: {label}: {failed[label]}", flush=True)
+                continue
             runners[label] = (bb, bb.dtype, bb.channels_last)
 
         print(f"\n# {time.strftime('%Y-%m-%d')}, {args.model} on {device} ({platform.machine()}; "
@@ -201,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             need = gflop / (base / 1.5 / 1000)
             print(f"(batch {n}: 1.5x eager fp32 would need {need:.0f} GFLOP/s, "
                   f"{100 * need / ceiling[torch.float32]:.0f}% of the fp32 conv ceiling)")
-    return 0
+    for label, reason in failed.items():
+        print(f"not measured, compile or load failed: {label}: {reason}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

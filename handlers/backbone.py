@@ -27,6 +27,7 @@ import torch
 from .artifacts import ArtifactInfo, choose, library_versions, refusal
 from .config import ModelConfig
 from .errors import ConfigError, ModelLoadError
+from .extras import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def load_backbone(model_dir: Path, model_file: str, cfg: ModelConfig, device: to
                 import torch_tensorrt  # noqa: F401  (registers TensorRT ops before the program loads)
             except ImportError:
                 raise ModelLoadError(
-                    f"{info.file} is a TensorRT artifact: pip install 'torchserve-gpu-handlers[trt]' "
+                    f"{info.file} is a TensorRT artifact: {install_hint('trt')} "
                     f"(torch-tensorrt {info.meta.get('versions', {}).get('torch_tensorrt')})"
                 ) from None
     path = (model_dir / model_file).resolve()

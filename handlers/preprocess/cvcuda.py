@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from ..extras import install_hint
 from . import PreprocessSpec
 from .common import AcceleratedPreprocessor, Plan
 
 NAME = "cvcuda"
 
-_INSTALL_HINT = "pip install 'torchserve-gpu-handlers[cvcuda]' (cvcuda-cu12, nvidia-nvimgcodec-cu12)"
 _ACCEPTED = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L"), "PNG": ("RGB", "RGBA", "L")}
 
 
@@ -34,7 +34,7 @@ def availability(device: torch.device) -> str | None:
         import cvcuda  # noqa: F401
         from nvidia import nvimgcodec  # noqa: F401
     except Exception as exc:
-        return f"CV-CUDA or nvImageCodec is not importable ({type(exc).__name__}: {exc}); {_INSTALL_HINT}"
+        return f"CV-CUDA or nvImageCodec is not importable ({type(exc).__name__}: {exc}); {install_hint('cvcuda')}"
     return None
 
 

@@ -37,13 +37,13 @@ import re
 import numpy as np
 import torch
 
+from ..extras import install_hint
 from . import PreprocessSpec
 from .common import AcceleratedPreprocessor, Plan
 
 NAME = "dali"
 logger = logging.getLogger(__name__)
 
-_INSTALL_HINT = "pip install 'torchserve-gpu-handlers[dali]' (nvidia-dali-cuda120)"
 _FAILED_SAMPLE = re.compile(r"sample #(\d+)")
 # DALI's decoder handles these modes of these formats like Pillow's convert("RGB") does; others
 # (CMYK JPEG, palette or 16-bit PNG, GIF, TIFF) go to the CPU path.
@@ -65,7 +65,7 @@ def availability(device: torch.device) -> str | None:
     try:
         import nvidia.dali  # noqa: F401
     except Exception as exc:
-        return f"nvidia.dali is not importable ({type(exc).__name__}: {exc}); {_INSTALL_HINT}"
+        return f"nvidia.dali is not importable ({type(exc).__name__}: {exc}); {install_hint('dali')}"
     return None
 
 
