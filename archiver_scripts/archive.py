@@ -8,11 +8,14 @@ on the serving host.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import yaml
 
 import handlers
 from handlers.artifacts import PORTABLE, ArtifactInfo, metadata_path
-from handlers.config import HandlerConfig, apply_overrides, with_task_defaults
+from handlers.config import apply_overrides, with_task_defaults
 from handlers.errors import ConfigError
 from handlers.labels import load_labels
 from handlers.tasks import TASK_HANDLERS
@@ -145,8 +148,10 @@ def build_archive(
             if not (path.parent / source).is_file():
                 raise ArchiveError(f"--model {path}: its .json names {source}, which is not beside it")
             class_files.append(path.parent / source)
-    section = with_task_defaults(apply_overrides(section, list(config)), task)
-    HandlerConfig.from_mapping(section)  # fail the build, not the model load, on a bad key
+    with _handler_class(module, cls, list(extra_files)) as handler:
+        task = handler.task or task
+        section = with_task_defaults(apply_overrides(section, list(config)), handler.task_defaults)
+        handler.config_class.from_mapping(section)  # fail the build, not the model load, on a bad key
     _check_table_rules(section, list(extra_files))
     labels_path = Path(labels) if labels else None
     if labels_path is not None:
@@ -185,6 +190,60 @@ def _split_target(value: str, flag: str, suffix: str = "") -> tuple[str, str]:
         form = "file.py:ClassName" if suffix else "module:ClassName"
         raise ArchiveError(f"{flag} {value!r}: expected {form}")
     return left, right
+
+
+@contextlib.contextmanager
+def _handler_class(module: str, cls: str, extra_files: list[str | Path]) -> Iterator[Any]:
+    """The handler class the archive will run, imported as the worker will find it, so that the
+    `handler:` section is validated with its own `config_class` and `task_defaults`.
+
+    A user's module (`--handler-class my_handler:MyHandler`) is imported from the Python files of
+    `--extra-files`, laid out as the archive lays them out (files at the root, a directory's
+    contents merged into it), after our own `handlers` package on sys.path; it is forgotten again
+    when the block ends (its config's type hints are read while it is imported)."""
+    if module == "handlers" or module.startswith("handlers."):
+        yield _class_from(importlib.import_module(module), module, cls)
+        return
+    with tempfile.TemporaryDirectory(prefix="tsgpu-handler-") as tmp:
+        root = Path(tmp)
+        for extra in extra_files:
+            path = Path(extra)
+            if path.is_file() and path.suffix == ".py":
+                shutil.copyfile(path, root / path.name)
+            elif path.is_dir():
+                shutil.copytree(path, root, dirs_exist_ok=True,
+                                ignore=lambda d, names: [n for n in names if not n.endswith(".py")
+                                                         and not (Path(d) / n).is_dir()])
+        top = module.partition(".")[0]
+        if not (root / f"{top}.py").is_file() and not (root / top / "__init__.py").is_file():
+            raise ArchiveError(f"--handler-class {module}:{cls}: no {top}.py in --extra-files; ship your "
+                               f"handler's module with --extra-files {top}.py")
+        own = lambda name: name == top or name.startswith(top + ".")  # noqa: E731
+        shadowed = {name: sys.modules.pop(name) for name in list(sys.modules) if own(name)}
+        sys.path.append(str(root))
+        try:
+            try:
+                loaded = importlib.import_module(module)
+            except Exception as exc:  # the user's code: any import-time failure, named
+                raise ArchiveError(
+                    f"--handler-class {module}:{cls}: importing {module} failed ({type(exc).__name__}: {exc}); "
+                    f"tsgpu archive imports your handler to validate --config with its config_class"
+                ) from exc
+            yield _class_from(loaded, module, cls)
+        finally:
+            sys.path.remove(str(root))
+            for name in [n for n in sys.modules if own(n)]:
+                del sys.modules[name]
+            sys.modules.update(shadowed)
+
+
+def _class_from(loaded: Any, module: str, cls: str) -> Any:
+    from handlers.base import VisionHandler
+
+    found = getattr(loaded, cls, None)
+    if not (isinstance(found, type) and issubclass(found, VisionHandler)):
+        raise ArchiveError(f"--handler-class {module}:{cls}: {module} has no VisionHandler subclass named {cls}")
+    return found
 
 
 def _check_table_rules(section: dict[str, Any], extra_files: list[str | Path]) -> None:

@@ -19,9 +19,10 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -29,13 +30,13 @@ import torch
 from .backbone import Backbone, load_backbone, warm_up
 from .config import HandlerConfig, load_handler_config, with_task_defaults
 from .errors import ConfigError, ModelLoadError, RequestError
-from .fetch import fetch_all
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
-from .pipeline import Pipeline, collect, plan_threads, split_read
-from .preprocess import Batch, Geometry, PreprocessSpec, Preprocessor, create_preprocessor
+from .pipeline import Pipeline, plan_threads
+from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
 from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
-from .stages import DECODE, FETCH, FORWARD, POSTPROCESS, READ, StageClock, StageTimer
-from .tables import TableStage, load_table_stage
+from .sequence import RequestStages
+from .stages import FORWARD, POSTPROCESS, StageClock, StageTimer
+from .tables import TableSpec, TableStage, load_table_stage
 
 
 def _import_torchserve_base() -> type:
@@ -57,22 +58,26 @@ JSON_CONTENT_TYPE = "application/json"
 class VisionHandler(BaseHandler):
     """Base class for our vision handlers. Subclasses implement `postprocess`."""
 
-    #: Extra model-config keys a subclass understands, checked like the built-in ones.
+    #: The `handler:` section this handler validates: HandlerConfig, or a subclass adding a section.
     config_class: type[HandlerConfig] = HandlerConfig
-    #: The task whose defaults (config.TASK_DEFAULTS) lie under the archive's `handler:` section.
-    task: str = "image-classification"
+    #: The task's name (`tsgpu archive --task`; handlers.tasks registers the built-in ones).
+    task: str = ""
+    #: Defaults under the archive's `handler:` section (the user's values win, nested keys merged).
+    task_defaults: Mapping[str, Any] = MappingProxyType({})
+    #: How results become rows of the optional result table (handler.table); None = no table.
+    table: TableSpec | None = None
 
     def __init__(self) -> None:
         super().__init__()
-        self.config: HandlerConfig = HandlerConfig()
+        self.config: HandlerConfig = self.config_class()
         self.backbone: Backbone | None = None
         self.preprocessor: Preprocessor | None = None
         self.model_dir: Path = Path(".")
         self.batch_size = 1
-        self._fetch_pool: ThreadPoolExecutor | None = None
         self._trimmer = MemoryTrimmer(0)
         self._heap_report = HeapReport()
-        self._stages = StageClock()  # per-stage metrics (handlers/stages.py)
+        self.stage_clock = StageClock()  # per-stage metrics (handlers/stages.py)
+        self._sequence = RequestStages(self)  # the stage functions (handlers/sequence.py)
         self._pipeline: Pipeline | None = None  # handler.pipeline.micro_batch > 0 (handlers/pipeline.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -80,24 +85,42 @@ class VisionHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Load config, pick the device, load + warm the model. Raises with a clear message on misconfiguration."""
         started = time.perf_counter()
+        self._read_context(context)
+        self.config = self.load_config(self.model_yaml_config)
+        self.device = select_device(context.system_properties.get("gpu_id"))
+        self.map_location = self.device.type
+        threads, decode_threads = self._size_threads()
+        self._load_model()
+        spec = self._make_preprocessor(decode_threads)
+        self._make_pipeline()
+        self.load_assets(self.model_dir)
+        self._table = load_table_stage(self.config.table, self.model_dir, self.device.type, own=self.table)
+        self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
+        if self.config.model.warmup:
+            self._warm_up(spec)
+        _freeze_what_is_loaded()
+        self.initialized = True
+        self._log_ready(threads, decode_threads, time.perf_counter() - started)
+
+    def _read_context(self, context: Any) -> None:
         self.context = context
         self.manifest = context.manifest or {}
         properties = context.system_properties
         self.model_dir = Path(properties.get("model_dir") or ".")
         self.batch_size = int(properties.get("batch_size") or 1)
-        yaml_config = getattr(context, "model_yaml_config", None) or {}
-        self.model_yaml_config = yaml_config
-        self.config = self.load_config(yaml_config)
+        self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
 
-        self.device = select_device(properties.get("gpu_id"))
-        self.map_location = self.device.type
+    def _size_threads(self) -> tuple[int, int]:
+        """(torch threads, decode threads) for this worker's CPU share; torch's are applied."""
         pipeline = self.config.pipeline
         threads, decode_threads = plan_threads(
-            cpu_threads_per_worker(0, yaml_config), pipeline.micro_batch, pipeline.decode_processes,
+            cpu_threads_per_worker(0, self.model_yaml_config), pipeline.micro_batch, pipeline.decode_processes,
             self.config.threads, self.config.preprocess.decode_threads,
         )
         apply_torch_threads(threads)
+        return threads, decode_threads
 
+    def _load_model(self) -> None:
         self.backbone = load_backbone(self.model_dir, self._model_file(), self.config.model, self.device)
         self.model = self.backbone.module
         max_batch = self.backbone.max_batch
@@ -106,6 +129,10 @@ class VisionHandler(BaseHandler):
                 f"TorchServe batchSize {self.batch_size} exceeds the artifact's max batch {max_batch}: "
                 f"recompile with tsgpu compile --batch 1,{self.batch_size},{self.batch_size} or lower batchSize"
             )
+
+    def _make_preprocessor(self, decode_threads: int) -> PreprocessSpec:
+        """The preprocess backend, making what the model takes (size checked, dtype followed)."""
+        assert self.backbone is not None
         spec = PreprocessSpec.from_config(
             self.config.preprocess, self.device, channels_last=self.backbone.channels_last,
             max_batch=self.batch_size,
@@ -114,41 +141,38 @@ class VisionHandler(BaseHandler):
         if spec.dtype != self.backbone.dtype:
             logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
             spec = dataclasses.replace(spec, dtype=self.backbone.dtype)
+        pipeline = self.config.pipeline
         self.preprocessor = create_preprocessor(
             self.config.preprocess.backend, spec, decode_threads, pipeline.decode_processes,
             pipeline.decode_timeout_s,
         )
-        least = self.backbone.min_batch
-        if pipeline.micro_batch > 0 and least is not None and pipeline.micro_batch < least:
+        return spec
+
+    def _make_pipeline(self) -> None:
+        """The micro-batch pipeline (handler.pipeline.micro_batch > 0), warning when the artifact's
+        smallest batch would pad every micro-batch."""
+        assert self.backbone is not None
+        micro_batch, least = self.config.pipeline.micro_batch, self.backbone.min_batch
+        if micro_batch <= 0:
+            return
+        if least is not None and micro_batch < least:
             logger.warning(
                 "handler.pipeline.micro_batch %d is smaller than the %d rows %s was compiled for: "
                 "every micro-batch is padded to %d rows (%.1fx the model work); recompile with a "
                 "batch range (tsgpu compile --batch 1,%d,%d) or set micro_batch: %d",
-                pipeline.micro_batch, least, self.backbone.describe(), least, least / pipeline.micro_batch,
-                pipeline.micro_batch, self.batch_size, least,
+                micro_batch, least, self.backbone.describe(), least, least / micro_batch,
+                micro_batch, self.batch_size, least,
             )
-        if pipeline.micro_batch > 0:
-            self._pipeline = Pipeline(
-                pipeline.micro_batch, self.device, self._read_all, self._preprocess,
-                self._timed_forward, self.postprocess,
-            )
-        self.load_assets(self.model_dir)
-        self._table = load_table_stage(self.config.table, self.model_dir, self.device.type)
-        self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
-        if self.config.model.warmup:
-            self._warm_up(spec)
-        # Move everything loaded so far (torch, the model, TorchServe) out of the collector's
-        # generations: full collections then scan only what requests create, so they stay cheap
-        # and run often enough that no request-sized cycle waits long.
-        gc.collect()
-        gc.freeze()
-        self.initialized = True
+        self._pipeline = Pipeline(micro_batch, self.device, self._sequence)
+
+    def _log_ready(self, threads: int, decode_threads: int, seconds: float) -> None:
+        assert self.backbone is not None and self.preprocessor is not None
+        pipeline = self.config.pipeline
         logger.info(
             "ready: %s, preprocess=%s (%d decode threads, %d decode processes), torch threads=%d, "
             "batch size %d, micro-batch %s, handlers from %s, %.1fs",
             self.backbone.describe(), self.preprocessor.name, decode_threads, pipeline.decode_processes,
-            threads, self.batch_size, pipeline.micro_batch or "off", Path(__file__).parent,
-            time.perf_counter() - started,
+            threads, self.batch_size, pipeline.micro_batch or "off", Path(__file__).parent, seconds,
         )
 
     def _check_input_size(self, spec: PreprocessSpec) -> None:
@@ -167,7 +191,8 @@ class VisionHandler(BaseHandler):
     def load_config(self, model_yaml_config: dict[str, Any]) -> HandlerConfig:
         section = (model_yaml_config or {}).get("handler")
         if section is None or isinstance(section, dict):  # anything else: load_handler_config says why
-            model_yaml_config = {**(model_yaml_config or {}), "handler": with_task_defaults(section, self.task)}
+            model_yaml_config = {**(model_yaml_config or {}),
+                                 "handler": with_task_defaults(section, self.task_defaults)}
         return load_handler_config(model_yaml_config, self.config_class)
 
     def load_assets(self, model_dir: Path) -> None:
@@ -191,7 +216,7 @@ class VisionHandler(BaseHandler):
         if probe.tensor is None:
             raise RuntimeError(f"warm-up: the preprocess backend failed on a valid JPEG: {probe.errors[0]}")
         with torch.inference_mode():
-            self.postprocess(self.forward(probe.tensor), [probe.geometry[0]])
+            self.run_postprocess(self.forward(probe.tensor), [probe.geometry[0]])
         # The pipeline's micro-batches are batch sizes the model sees too (a compiled artifact may
         # specialise or pad per size): warm them up before the first request does.
         sizes = sorted({1, self.batch_size, min(self.config.pipeline.micro_batch or 1, self.batch_size)})
@@ -201,71 +226,36 @@ class VisionHandler(BaseHandler):
     # -- the request sequence (do not override) --------------------------------------------------
 
     def handle(self, data: list[Any], context: Any) -> list[str]:
-        timer = self._stages.begin(len(data))
+        timer = self.stage_clock.begin(len(data))
         self.context = context
-        n = len(data)
-        if self._pipeline is not None and n > self._pipeline.micro_batch:
-            results, errors, fallbacks = self._pipeline.run(data, timer)
+        if self._pipeline is not None and len(data) > self._pipeline.micro_batch:
+            outcome = self._pipeline.run(data, timer)
         else:
-            results, errors, fallbacks = self._run_stages(data, timer)
-
+            outcome = self._sequence.run_once(data, timer)
         if _called_by_envelope():
-            responses = self._respond_enveloped(results, errors, context)
+            responses = self._respond_enveloped(outcome.results, outcome.errors, context)
         else:
-            responses = [self._respond(i, results[i], errors[i], context) for i in range(n)]
-        self._report(context, timer, errors, fallbacks)
+            responses = [self._respond(i, result, error, context)
+                         for i, (result, error) in enumerate(zip(outcome.results, outcome.errors, strict=True))]
+        self._report(context, timer, outcome.errors, outcome.fallbacks)
         self._trimmer.maybe_trim()
         self._heap_report.maybe_report()
         return responses
 
-    def _run_stages(self, data: list[Any], timer: StageTimer) -> tuple[list[Any], list[RequestError | None], int]:
-        """The unpipelined path: (results, errors, fallbacks) per row, each stage once for the batch."""
-        n = len(data)
-        produced, encoded = split_read(self._read_all(data, timer))
-        item_results = None
-        if encoded:
-            with timer.stage(DECODE):
-                produced.batch, produced.fallbacks = self._preprocess(encoded)
-            batch = produced.batch
-            if batch.rows:
-                with torch.inference_mode():
-                    outputs = self._timed_forward(batch.tensor, timer)
-                    with timer.stage(POSTPROCESS):
-                        item_results = self.postprocess(outputs, [batch.geometry[r] for r in batch.rows])
-        results: list[Any] = [None] * n
-        errors: list[RequestError | None] = [None] * n
-        collect(produced, item_results, results, errors)
-        return results, errors, produced.fallbacks
+    def run_postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
+        """The postprocess stage: the task's `postprocess`, then the table stage over its results.
 
-    def _preprocess(self, encoded: list[bytes]) -> tuple[Batch, int]:
-        """The backend's batch for `encoded`, and how many items it sent to its CPU fallback."""
-        assert self.preprocessor is not None
-        before = getattr(self.preprocessor, "fallback_items", 0)
-        batch = self.preprocessor.run(encoded)
-        return batch, getattr(self.preprocessor, "fallback_items", 0) - before
-
-    def _timed_forward(self, x: torch.Tensor, timer: StageTimer) -> Any:
-        with self._stages.forward(timer, self.device):
-            return self.forward(x)
-
-    def _read_all(self, data: list[Any], timer: StageTimer) -> list[bytes | RequestError]:
-        """Every row's bytes or error; URL items of the batch are downloaded concurrently."""
-        items: list[bytes | UrlInput | RequestError] = []
-        with timer.stage(READ):
-            for i, row in enumerate(data):
-                try:
-                    items.append(self.read_input(row, i))
-                except RequestError as err:
-                    items.append(err.detach())
-        urls = [(i, item.url) for i, item in enumerate(items) if isinstance(item, UrlInput)]
-        if urls:
-            started = time.perf_counter()
-            if self._fetch_pool is None:
-                self._fetch_pool = ThreadPoolExecutor(self.config.url.max_concurrency, thread_name_prefix="fetch")
-            for (i, _), fetched in zip(urls, fetch_all([u for _, u in urls], self.config.url, self._fetch_pool)):
-                items[i] = fetched
-            timer.add(FETCH, time.perf_counter() - started)
-        return items  # type: ignore[return-value]  (no UrlInput is left)
+        A subclass written before the table stage joined the sequence may still call
+        `self.apply_table` at the end of its postprocess: the table then runs once, there."""
+        self._table_applied = False
+        results = self.postprocess(outputs, geometry)
+        if self._table_applied:
+            if not self._warned_table_call:
+                self._warned_table_call = True
+                logger.warning("%s.postprocess calls apply_table: the table stage now runs after postprocess "
+                               "by itself; remove the call", type(self).__name__)
+            return results
+        return self.apply_table(results)
 
     # -- override points -------------------------------------------------------------------------
 
@@ -285,11 +275,15 @@ class VisionHandler(BaseHandler):
     #: The result-table stage (handler.table, handlers/tables.py); None while it is off.
     _table: TableStage | None = None
 
+    _table_applied = False
+    _warned_table_call = False
+
     def apply_table(self, results: list[Any]) -> list[Any]:
-        """Run the table stage on a batch's results (tasks call it at the end of postprocess).
+        """The table stage on a batch's results: it runs after `postprocess` as part of the sequence.
 
         Returns `results` unchanged when handler.table is disabled; RequestError items pass through.
         """
+        self._table_applied = True
         if self._table is None:
             return results
         return self._table.apply(results, self.postprocess_table)
@@ -334,7 +328,7 @@ class VisionHandler(BaseHandler):
         """Stage times (handlers/stages.py), counters and HandlerTime; one debug line per batch."""
         metrics = getattr(context, "metrics", None)
         try:  # metrics and logging must never fail a request
-            report = self._stages.finish(timer)
+            report = self.stage_clock.finish(timer)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(report.log_line())
             if metrics is not None:
@@ -356,6 +350,14 @@ class VisionHandler(BaseHandler):
             metrics.add_time("HandlerTime", round(timer.elapsed() * 1000, 3), None, "ms")
         except Exception:
             logger.debug("metrics reporting failed", exc_info=True)
+
+
+def _freeze_what_is_loaded() -> None:
+    """Move everything loaded so far (torch, the model, TorchServe) out of the collector's
+    generations: full collections then scan only what requests create, so they stay cheap and run
+    often enough that no request-sized cycle waits long."""
+    gc.collect()
+    gc.freeze()
 
 
 def _called_by_envelope(max_depth: int = 6) -> bool:

@@ -6,7 +6,10 @@ it from `initialize`, so the model fails to load with that message instead of se
 
     handler:
       preprocess: {backend: auto, resize_size: 256, crop_size: 224}
-      classifier: {top_k: 5}
+      classifier: {top_k: 5}          # a task's own section (handlers/tasks/classifier.py)
+
+This module knows no task: `HandlerConfig` holds the sections every handler shares, and each task
+module adds its own by subclassing it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class InputConfig:
     """JSON body keys that may carry base64 image bytes."""
 
     def validate(self, path: str) -> None:
-        _positive(self.max_bytes, f"{path}.max_bytes")
+        check_positive(self.max_bytes, f"{path}.max_bytes")
         if not self.json_keys:
             raise ConfigError(f"{path}.json_keys: needs at least one key, got an empty list")
 
@@ -84,13 +87,13 @@ class PreprocessConfig:
     """cvcuda: bound on CV-CUDA's tensor cache per device (it grows with distinct shapes otherwise)."""
 
     def validate(self, path: str) -> None:
-        _choice(self.backend, PREPROCESS_BACKENDS, f"{path}.backend")
+        check_choice(self.backend, PREPROCESS_BACKENDS, f"{path}.backend")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ConfigError(f"{path}.hw_decoder_load: must be within 0..1, got {self.hw_decoder_load}")
-        _positive(self.gpu_cache_limit_mb, f"{path}.gpu_cache_limit_mb")
-        _choice(self.geometry, GEOMETRY_MODES, f"{path}.geometry")
-        _positive(self.resize_size, f"{path}.resize_size")
-        _positive(self.crop_size, f"{path}.crop_size")
+        check_positive(self.gpu_cache_limit_mb, f"{path}.gpu_cache_limit_mb")
+        check_choice(self.geometry, GEOMETRY_MODES, f"{path}.geometry")
+        check_positive(self.resize_size, f"{path}.resize_size")
+        check_positive(self.crop_size, f"{path}.crop_size")
         if not 0 <= self.pad_value <= 255:
             raise ConfigError(f"{path}.pad_value: must be within 0..255, got {self.pad_value}")
         if self.geometry == "center_crop":
@@ -106,15 +109,15 @@ class PreprocessConfig:
                 raise ConfigError(f"{path}.{name}: needs 3 numbers (R, G, B), got {list(value)}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"{path}.std: every value must be > 0, got {list(self.std)}")
-        _choice(self.interpolation, INTERPOLATIONS, f"{path}.interpolation")
+        check_choice(self.interpolation, INTERPOLATIONS, f"{path}.interpolation")
         if self.draft_min_ratio < 1.0:
             raise ConfigError(
                 f"{path}.draft_min_ratio: must be >= 1.0, got {self.draft_min_ratio}"
             )
-        _positive(self.max_image_pixels, f"{path}.max_image_pixels")
+        check_positive(self.max_image_pixels, f"{path}.max_image_pixels")
         if self.decode_threads < 0:
             raise ConfigError(f"{path}.decode_threads: must be >= 0, got {self.decode_threads}")
-        _choice(self.dtype, DTYPES, f"{path}.dtype")
+        check_choice(self.dtype, DTYPES, f"{path}.dtype")
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -141,7 +144,7 @@ class ModelConfig:
     warmup: bool = True
 
     def validate(self, path: str) -> None:
-        _choice(self.format, MODEL_FORMATS, f"{path}.format")
+        check_choice(self.format, MODEL_FORMATS, f"{path}.format")
         if self.model_class and ":" not in self.model_class:
             raise ConfigError(
                 f"{path}.model_class: expected 'file.py:ClassName', got {self.model_class!r}"
@@ -150,79 +153,6 @@ class ModelConfig:
             raise ConfigError(f"{path}: set either file or artifacts, not both")
         if self.format == "eager" and not self.model_class:
             raise ConfigError(f"{path}.model_class: required when {path}.format is 'eager'")
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    top_k: int = 5
-
-    def validate(self, path: str) -> None:
-        _positive(self.top_k, f"{path}.top_k")
-
-
-DETECTOR_FORMATS = ("auto", "yolo", "xyxy_score_class", "torchvision")
-MAP_INTERPOLATIONS = ("nearest", "bilinear")
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """handlers/tasks/detector.py: decoding, thresholds and NMS of detection outputs."""
-
-    output_format: str = "auto"
-    """auto | yolo ([B, 4+C, N] cx,cy,w,h + class scores) | xyxy_score_class ([B, N, 6]) |
-    torchvision (list of dicts with boxes, labels, scores)."""
-    score_threshold: float = 0.25
-    class_thresholds: dict[str, float] = field(default_factory=dict)
-    """Per-class minimum score, keyed by class id or label; overrides score_threshold."""
-    iou_threshold: float = 0.45
-    class_agnostic: bool = False
-    """NMS across classes (one box per object whatever its class) instead of per class."""
-    nms: str = "auto"
-    """auto (only for yolo outputs, which have none) | always | never."""
-    max_detections: int = 100
-
-    def validate(self, path: str) -> None:
-        _choice(self.output_format, DETECTOR_FORMATS, f"{path}.output_format")
-        _choice(self.nms, ("auto", "always", "never"), f"{path}.nms")
-        _unit_interval(self.score_threshold, f"{path}.score_threshold")
-        _unit_interval(self.iou_threshold, f"{path}.iou_threshold")
-        for key, value in self.class_thresholds.items():
-            _unit_interval(value, f"{path}.class_thresholds.{key}")
-        _positive(self.max_detections, f"{path}.max_detections")
-
-
-@dataclass(frozen=True)
-class SegmenterConfig:
-    """handlers/tasks/segmenter.py: per-pixel classes mapped back to the original image."""
-
-    interpolation: str = "nearest"
-    """How logits reach original pixels: nearest (label map) | bilinear (on logits, then argmax)."""
-    min_area: int = 0
-    """Drop a class whose mask has fewer original pixels than this."""
-    output: str = "rle"
-    """rle (COCO compressed RLE per class) | png (a base64 PNG label map)."""
-
-    def validate(self, path: str) -> None:
-        _choice(self.interpolation, MAP_INTERPOLATIONS, f"{path}.interpolation")
-        _choice(self.output, ("rle", "png"), f"{path}.output")
-        if self.min_area < 0:
-            raise ConfigError(f"{path}.min_area: must be >= 0, got {self.min_area}")
-
-
-@dataclass(frozen=True)
-class EmbedderConfig:
-    """handlers/tasks/embedder.py: pooled vectors for vector databases."""
-
-    normalize: bool = True
-    """L2-normalise each vector."""
-    dtype: str = "float32"
-    """float32 | float16."""
-    encoding: str = "list"
-    """list (a JSON list of numbers) | base64 (little-endian bytes)."""
-
-    def validate(self, path: str) -> None:
-        _choice(self.dtype, ("float32", "float16"), f"{path}.dtype")
-        _choice(self.encoding, ("list", "base64"), f"{path}.encoding")
 
 
 @dataclass(frozen=True)
@@ -238,7 +168,7 @@ class TableConfig:
     """Add `"counts": {label: n}` (after the rules and postprocess_table) to each response."""
 
     def validate(self, path: str) -> None:
-        _choice(self.engine, ("auto", "pandas", "cudf"), f"{path}.engine")
+        check_choice(self.engine, ("auto", "pandas", "cudf"), f"{path}.engine")
 
 
 @dataclass(frozen=True)
@@ -266,7 +196,10 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class HandlerConfig:
-    """The whole `handler:` section of model-config.yaml."""
+    """The `handler:` section of model-config.yaml that every handler shares.
+
+    A task adds its own section by subclassing (handlers/tasks/: e.g. `detector:` in
+    `ObjectDetectorConfig`), and a handler validates with its `config_class`."""
 
     threads: int = 0
     """torch intra-op threads per worker; 0 = this worker's share of the host's CPUs."""
@@ -275,10 +208,6 @@ class HandlerConfig:
     inputs: InputConfig = field(default_factory=InputConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     table: TableConfig = field(default_factory=TableConfig)
     url: UrlConfig = field(default_factory=UrlConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -298,25 +227,13 @@ class HandlerConfig:
         return _to_plain(dataclasses.asdict(self))
 
 
-# Per-task defaults under the user's `handler:` section (tsgpu archive writes the merged section into
-# model-config.yaml). Detectors take the whole image letterboxed at 0..1 scale, as Ultralytics YOLO
-# and torchvision's detection models expect; segmenters keep ImageNet normalisation (torchvision's
-# segmentation models) but see the whole image too.
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "image-classification": {},
-    "object-detection": {"preprocess": {"geometry": "letterbox", "input_size": 640,
-                                        "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}},
-    "semantic-segmentation": {"preprocess": {"geometry": "letterbox", "input_size": 520}},
-    "image-embedding": {},
-}
-
-
-def with_task_defaults(section: Mapping[str, Any] | None, task: str) -> dict[str, Any]:
-    """`section` over the defaults of `task` (nested keys merged; the user's values win).
+def with_task_defaults(section: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """`section` over a task's `defaults` (its handler's `task_defaults`; nested keys merged; the
+    user's values win).
 
     A user who sizes a center crop (`crop_size`, or `geometry: center_crop`) without `input_size`
     means that crop: the task's default `input_size` is then dropped rather than left to win."""
-    defaults = _deep_copy(TASK_DEFAULTS.get(task, {}))
+    defaults = _deep_copy(defaults)
     user_pre = (section or {}).get("preprocess") or {}
     if isinstance(user_pre, Mapping) and "input_size" not in user_pre and (
         "crop_size" in user_pre or user_pre.get("geometry") == "center_crop"
@@ -444,17 +361,17 @@ def _image_size(value: Any, path: str) -> ImageSize:
     return ImageSize(size)
 
 
-def _unit_interval(value: float, path: str) -> None:
+def check_unit_interval(value: float, path: str) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{path}: must be within 0..1, got {value}")
 
 
-def _positive(value: int, path: str) -> None:
+def check_positive(value: int, path: str) -> None:
     if value <= 0:
         raise ConfigError(f"{path}: must be > 0, got {value}")
 
 
-def _choice(value: str, choices: tuple[str, ...], path: str) -> None:
+def check_choice(value: str, choices: tuple[str, ...], path: str) -> None:
     if value not in choices:
         raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
 

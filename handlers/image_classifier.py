@@ -1,56 +1,8 @@
-"""Image classification: softmax top-k, mapped through the archive's `index_to_name.json`.
+"""Image classification's old import path, kept for existing archives, configs and subclasses.
 
-Response body for each request (200):
-
-    {"predictions": [{"index": 281, "label": "tabby", "probability": 0.8731}, ...]}
-
-sorted by probability, `handler.classifier.top_k` entries (default 5; fewer if the model has fewer
-classes). `label` is the index as a string when the archive has no label for it.
-`index_to_name.json` maps class index -> name, either `{"0": "tench"}` or the ImageNet form
-`{"0": ["n01440764", "tench"]}` (the last element is used).
-
-With `handler.table.enabled`, the top-k rows of the batch then pass through the table stage
-(handlers/tables.py, docs/tables.md): a rules CSV and the `postprocess_table(df)` hook may drop or
-rename predictions, and each response gains `"counts": {label: n}`.
+The task lives in `handlers.tasks.classifier` (one module per task); this module only re-exports it.
 """
 
-from __future__ import annotations
+from .tasks.classifier import ClassifierConfig, ImageClassifier, ImageClassifierConfig
 
-import logging
-from pathlib import Path
-from typing import Any
-
-import torch
-
-from .base import VisionHandler
-from .labels import load_archive_labels
-from .preprocess import Geometry
-
-logger = logging.getLogger(__name__)
-
-class ImageClassifier(VisionHandler):
-    """Top-k classifier over a model that returns logits [N, num_classes]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.labels: dict[int, str] = {}
-
-    def load_assets(self, model_dir: Path) -> None:
-        self.labels = load_archive_labels(model_dir, logger)
-
-    def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
-        logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise RuntimeError(f"image classifier expects logits of shape [N, classes], the model returned {shape}")
-        k = min(self.config.classifier.top_k, logits.shape[1])
-        probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
-        results = []
-        for row_probs, row_indices in zip(probs.cpu().tolist(), indices.cpu().tolist()):
-            results.append({
-                "predictions": [
-                    {"index": i, "label": self.labels.get(i, str(i)), "probability": round(p, 6)}
-                    for p, i in zip(row_probs, row_indices)
-                ]
-            })
-        return self.apply_table(results)
+__all__ = ["ClassifierConfig", "ImageClassifier", "ImageClassifierConfig"]

@@ -1,7 +1,8 @@
 """The in-worker pipeline: one TorchServe batch as overlapped micro-batches.
 
 With `handler.pipeline.micro_batch: m` (> 0) `VisionHandler.handle` splits a batch of N requests into
-micro-batches of m rows and runs them through three stages on three threads, so that while
+micro-batches of m rows and runs the request sequence's stage functions (handlers/sequence.py, the
+same ones the unpipelined path runs) as three stages on three threads, so that while
 micro-batch k runs its forward, k+1 is being decoded and uploaded and k-1 is being post-processed.
 The batch's rows are read, and its URL items fetched, first and all at once (as on the plain path:
 fetching per micro-batch would add up one fetch timeout per micro-batch):
@@ -37,16 +38,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import RequestError
-from .stages import DECODE, POSTPROCESS, StageTimer
+from .sequence import Outcome, Produced, RequestStages
+from .stages import StageTimer
 
 _QUEUE_POLL_S = 0.05  # how often a blocked stage checks whether the batch was abandoned
 
@@ -71,74 +71,20 @@ def plan_threads(share: int, micro_batch: int, decode_processes: int, threads: i
     return torch_threads, decode_threads or max(1, share - torch_threads)
 
 
-@dataclass
-class Produced:
-    """A batch (or one micro-batch) after read and preprocess: its rows' errors so far, which row
-    each encoded item came from, and the preprocessed batch."""
-
-    owners: list[int]  # input index of each encoded item
-    batch: Any = None  # preprocess Batch, or None when no item of the chunk reached the decoder
-    ready: Any = None  # CUDA event after the upload (GPU), else None
-    fallbacks: int = 0
-    read_errors: dict[int, RequestError] = field(default_factory=dict)
-
-
-def split_read(items: list[Any], start: int = 0) -> tuple[Produced, list[bytes]]:
-    """Read results of rows start.. (bytes or the row's RequestError) -> the rows' bookkeeping and
-    the encoded items to preprocess, in row order."""
-    produced = Produced(owners=[])
-    encoded: list[bytes] = []
-    for k, item in enumerate(items):
-        if isinstance(item, RequestError):
-            produced.read_errors[start + k] = item
-        else:
-            encoded.append(item)
-            produced.owners.append(start + k)
-    return produced, encoded
-
-
-def collect(produced: Produced, item_results: list[Any] | None, results: list[Any],
-            errors: list[RequestError | None]) -> None:
-    """Write one (micro-)batch's outcome into the per-row `results` and `errors`: read errors,
-    preprocess errors, then postprocess results (or their RequestErrors)."""
-    for i, err in produced.read_errors.items():
-        errors[i] = err
-    batch = produced.batch
-    if batch is None:
-        return
-    for k, err in enumerate(batch.errors):
-        if err is not None:
-            errors[produced.owners[k]] = err
-    for r, result in zip(batch.rows, item_results or [], strict=True):
-        if isinstance(result, RequestError):
-            errors[produced.owners[r]] = result
-        else:
-            results[produced.owners[r]] = result
-
-
 class _Abandoned(Exception):
     """The batch failed in another stage; the producer stops early."""
 
 
 class Pipeline:
-    """Runs `handle`'s stages over micro-batches on three threads (see the module docstring).
-
-    `read` maps rows to bytes-or-RequestError per row, `preprocess` runs the backend
-    on encoded bytes, `forward` and `postprocess` are the handler's hooks. One Pipeline per handler;
-    `run` is called by one thread at a time (TorchServe's worker thread).
+    """Runs the request sequence's stages (handlers/sequence.py) over micro-batches on three threads
+    (see the module docstring). One Pipeline per handler; `run` is called by one thread at a time
+    (TorchServe's worker thread).
     """
 
-    def __init__(
-        self, micro_batch: int, device: torch.device,
-        read: Callable[[list[Any], StageTimer], list[Any]],
-        preprocess: Callable[[list[bytes]], tuple[Any, int]],
-        forward: Callable[[torch.Tensor, StageTimer], Any],
-        postprocess: Callable[[Any, list[Any]], list[Any]],
-    ) -> None:
+    def __init__(self, micro_batch: int, device: torch.device, stages: RequestStages) -> None:
         self.micro_batch = micro_batch
         self.device = device
-        self._read, self._preprocess = read, preprocess
-        self._forward, self._postprocess = forward, postprocess
+        self.stages = stages
         self._producer = ThreadPoolExecutor(1, thread_name_prefix="pipeline-produce")
         self._post = ThreadPoolExecutor(1, thread_name_prefix="pipeline-post")
         self._cuda = device.type == "cuda"
@@ -151,17 +97,15 @@ class Pipeline:
 
     # -- one TorchServe batch --------------------------------------------------------------------
 
-    def run(self, data: list[Any], timer: StageTimer) -> tuple[list[Any], list[RequestError | None], int]:
-        """(results, errors, fallbacks) per input row, as the unpipelined path computes them."""
+    def run(self, data: list[Any], timer: StageTimer) -> Outcome:
+        """Every input row's result or error, as `RequestStages.run_once` computes them."""
         n = len(data)
-        results: list[Any] = [None] * n
-        errors: list[RequestError | None] = [None] * n
+        outcome = Outcome.empty(n)
         chunks = [(start, min(n, start + self.micro_batch)) for start in range(0, n, self.micro_batch)]
         handoff: queue.Queue[Produced | BaseException | None] = queue.Queue(maxsize=1)
         abandoned = threading.Event()
         producing = self._producer.submit(self._produce, data, chunks, timer, handoff, abandoned)
         pending: list[tuple[Produced, Future | None]] = []
-        fallbacks = 0
         try:
             while True:
                 item = self._take(handoff, producing)
@@ -169,10 +113,9 @@ class Pipeline:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                fallbacks += item.fallbacks
                 pending.append((item, self._run_forward(item, timer)))
             for produced, post in pending:
-                collect(produced, post.result() if post is not None else None, results, errors)
+                outcome.collect(produced, post.result() if post is not None else None)
         except BaseException:
             abandoned.set()
             raise
@@ -181,7 +124,7 @@ class Pipeline:
             for _, post in pending:
                 if post is not None:
                     post.exception()
-        return results, errors, fallbacks
+        return outcome
 
     # -- stages ----------------------------------------------------------------------------------
 
@@ -190,12 +133,16 @@ class Pipeline:
         try:
             # Every row is read first, so the batch's URL items download concurrently (as on the plain
             # path): fetching per micro-batch would add up one fetch timeout per micro-batch.
-            items = self._read(data, timer)
+            items = self.stages.read(data, timer)
             with self._on(self._upload_stream):
                 for start, stop in chunks:
                     if abandoned.is_set():
                         return
-                    self._put(handoff, self._produce_one(items[start:stop], start, timer), abandoned)
+                    produced = self.stages.decode(items[start:stop], start, timer)
+                    if self._cuda and produced.has_rows:
+                        produced.ready = torch.cuda.Event()
+                        produced.ready.record(self._upload_stream)
+                    self._put(handoff, produced, abandoned)
             self._put(handoff, None, abandoned)
         except _Abandoned:
             return
@@ -205,44 +152,32 @@ class Pipeline:
             except _Abandoned:
                 pass
 
-    def _produce_one(self, items: list[Any], start: int, timer: StageTimer) -> Produced:
-        """Micro-batch `items` (bytes or the row's RequestError), whose first row is `start`."""
-        produced, encoded = split_read(items, start)
-        if encoded:
-            with timer.stage(DECODE):
-                produced.batch, produced.fallbacks = self._preprocess(encoded)
-                if self._cuda and produced.batch.rows:
-                    produced.ready = torch.cuda.Event()
-                    produced.ready.record(self._upload_stream)
-        return produced
-
     def _run_forward(self, produced: Produced, timer: StageTimer) -> Future | None:
-        batch = produced.batch
-        if batch is None or not batch.rows:
+        if not produced.has_rows:
             return None
-        tensor = batch.tensor
+        assert produced.batch is not None and produced.batch.tensor is not None
+        tensor = produced.batch.tensor
         forwarded = None
         if self._cuda:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(produced.ready)
             tensor.record_stream(compute)  # allocated on the upload stream, read on this one
         with torch.inference_mode():
-            outputs = self._forward(tensor, timer)
+            outputs = self.stages.forward(tensor, timer)
         if self._cuda:
             forwarded = torch.cuda.Event()
             forwarded.record(compute)
             for t in _tensors(outputs):
                 if t.is_cuda:
                     t.record_stream(self._post_stream)
-        geometry = [batch.geometry[r] for r in batch.rows]
-        return self._post.submit(self._run_postprocess, outputs, geometry, forwarded, timer)
+        return self._post.submit(self._run_postprocess, outputs, produced.geometry(), forwarded, timer)
 
     def _run_postprocess(self, outputs: Any, geometry: list[Any], forwarded: Any, timer: StageTimer) -> list[Any]:
         with self._on(self._post_stream):
             if forwarded is not None:
                 self._post_stream.wait_event(forwarded)
-            with torch.inference_mode(), timer.stage(POSTPROCESS):
-                return self._postprocess(outputs, geometry)
+            with torch.inference_mode():
+                return self.stages.postprocess(outputs, geometry, timer)
 
     # -- plumbing --------------------------------------------------------------------------------
 

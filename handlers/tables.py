@@ -27,12 +27,13 @@ import importlib.util
 import io
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ModelLoadError, RequestError
+from .extras import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +44,26 @@ ANY_LABEL = "*"
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 _SCALARS = {bool, int, float, str, type(None)}
 PANDAS_HINT = "pip install 'torchserve-gpu-handlers[tables]'"
-CUDF_HINT = "pip install 'torchserve-gpu-handlers[cudf]'"
 
-#: The result lists the stage understands, and how their entry keys are named as columns.
-LIST_COLUMNS: dict[str, dict[str, str]] = {
-    "predictions": {"index": "class_id", "probability": "score"},
-    "detections": {},
-}
-#: The columns every table of a kind has (in this order), even when the batch has no entries.
-KIND_COLUMNS: dict[str, tuple[str, ...]] = {
-    "predictions": ("class_id", "label", "score"),
-    "detections": ("class_id", "label", "score", *BOX_COLUMNS),
-}
+
+@dataclass(frozen=True)
+class TableSpec:
+    """How a task's results become table rows: declared by the task (its `table` attribute).
+
+    `key` names the result's list (one row per entry), `renames` maps entry keys to column names,
+    and `columns` are the columns every table of this kind has (in this order), even when the batch
+    has no entries. An entry's `box` becomes the columns x1, y1, x2, y2.
+    """
+
+    key: str
+    columns: tuple[str, ...]
+    renames: Mapping[str, str] = field(default_factory=dict)
+
+
+def _registered_specs() -> tuple[TableSpec, ...]:
+    from .tasks import table_specs  # the task registry; imported when a stage is made, not at import
+
+    return table_specs()
 _DTYPES = {"item": "int64", "class_id": "int64", "score": "float64", "label": "object",
            **{c: "float64" for c in BOX_COLUMNS}}
 
@@ -238,8 +247,8 @@ def import_cudf() -> Any:
         return importlib.import_module("cudf")
     except ImportError as exc:
         raise ModelLoadError(
-            f"handler.table.engine cudf: cudf could not be imported ({exc}); {CUDF_HINT} on a "
-            f"CUDA 12 GPU host, or set handler.table.engine: pandas"
+            f"handler.table.engine cudf: cudf could not be imported ({exc}); {install_hint('cudf')} on a "
+            f"GPU host, or set handler.table.engine: pandas"
         ) from None
 
 
@@ -276,19 +285,22 @@ class TableStage:
     engine: Engine
     rules: TableRules = field(default_factory=TableRules)
     counts: bool = True
+    specs: Sequence[TableSpec] = field(default_factory=_registered_specs)
+    """The result kinds the stage understands: every registered task's (handlers.tasks)."""
 
     def apply(self, results: list[Any], hook: Hook | None = None) -> list[Any]:
         """Per-item results -> the same list with filtered/renamed entries (and counts) per item."""
-        kinds = [_kind(r) for r in results]
+        specs = {spec.key: spec for spec in self.specs}
+        kinds = [_kind(r, specs) for r in results]
         if not any(kinds):
             return list(results)
-        df = self.engine.upload(flatten(results, kinds))
+        df = self.engine.upload(flatten(results, kinds, specs))
         df = apply_rules(df, self.rules)
         if hook is not None:
             df = hook(df)
             _check_frame(df, self.engine)
         frame = self.engine.download(df)
-        return regroup(results, kinds, frame, _counts(frame) if self.counts else None)
+        return regroup(results, kinds, frame, _counts(frame) if self.counts else None, specs)
 
 
 def _counts(frame: Any) -> dict[int, dict[str, int]]:
@@ -304,8 +316,10 @@ def _counts(frame: Any) -> dict[int, dict[str, int]]:
     return {i: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for i, c in counts.items()}
 
 
-def load_table_stage(config: Any, model_dir: Path, device_type: str) -> TableStage | None:
-    """The stage for `handler.table` (a config.TableConfig), or None when it is disabled."""
+def load_table_stage(config: Any, model_dir: Path, device_type: str,
+                     own: TableSpec | None = None) -> TableStage | None:
+    """The stage for `handler.table` (a config.TableConfig), or None when it is disabled; `own` is
+    the handler's own result kind when its task is not a registered one."""
     if not config.enabled:
         if config.rules:
             raise ConfigError(f"handler.table.rules is {config.rules!r} but handler.table.enabled is "
@@ -320,13 +334,16 @@ def load_table_stage(config: Any, model_dir: Path, device_type: str) -> TableSta
         rules = load_rules(path)
     engine = resolve_engine(config.engine, device_type)
     logger.info("table stage: %s engine, %d rules from %s", engine.name, len(rules.rules), config.rules or "-")
-    return TableStage(engine, rules, counts=config.counts)
+    specs = _registered_specs()
+    if own is not None and own not in specs:
+        specs = (*[s for s in specs if s.key != own.key], own)
+    return TableStage(engine, rules, counts=config.counts, specs=specs)
 
 
-def _kind(result: Any) -> str | None:
+def _kind(result: Any, specs: Mapping[str, TableSpec]) -> str | None:
     if isinstance(result, RequestError) or not isinstance(result, dict):
         return None
-    for key in LIST_COLUMNS:
+    for key in specs:
         if isinstance(result.get(key), list):
             return key
     return None
@@ -343,12 +360,12 @@ def _check_frame(df: Any, engine: Engine) -> None:
 # --- flatten / rules / regroup -----------------------------------------------------------------
 
 
-def flatten(results: list[Any], kinds: list[str | None]) -> Any:
+def flatten(results: list[Any], kinds: list[str | None], specs: Mapping[str, TableSpec]) -> Any:
     """The entries of every result's list as one pandas DataFrame (column `item` = position)."""
     pd = import_pandas()
     columns: dict[str, list[Any]] = {"item": []}
     for kind in dict.fromkeys(filter(None, kinds)):  # a batch without entries still has the columns
-        for name in KIND_COLUMNS[kind]:
+        for name in specs[kind].columns:
             columns.setdefault(name, [])
     n = 0
     for item, (result, kind) in enumerate(zip(results, kinds)):
@@ -356,7 +373,7 @@ def flatten(results: list[Any], kinds: list[str | None]) -> Any:
         if not entries:
             continue
         columns["item"].extend([item] * len(entries))
-        for name, values in _entry_columns(entries, kind).items():
+        for name, values in _entry_columns(entries, kind, specs[kind].renames).items():
             columns.setdefault(name, [None] * n).extend(values)
         n += len(entries)
         for values in columns.values():  # keys this item's entries lack
@@ -364,9 +381,8 @@ def flatten(results: list[Any], kinds: list[str | None]) -> Any:
     return pd.DataFrame({name: _series(pd, name, values) for name, values in columns.items()})
 
 
-def _entry_columns(entries: list[dict[str, Any]], kind: str) -> dict[str, list[Any]]:
-    """One result's entries, column by column (box -> x1, y1, x2, y2)."""
-    names = LIST_COLUMNS[kind]
+def _entry_columns(entries: list[dict[str, Any]], kind: str, names: Mapping[str, str]) -> dict[str, list[Any]]:
+    """One result's entries, column by column (box -> x1, y1, x2, y2; other keys through `names`)."""
     out: dict[str, list[Any]] = {}
     for key in dict.fromkeys(k for e in entries for k in e):
         values = [e.get(key) for e in entries]
@@ -416,7 +432,7 @@ def apply_rules(df: Any, rules: TableRules) -> Any:
 
 
 def regroup(results: list[Any], kinds: list[str | None], frame: Any,
-            counts: dict[int, dict[str, int]] | None) -> list[Any]:
+            counts: dict[int, dict[str, int]] | None, specs: Mapping[str, TableSpec]) -> list[Any]:
     """A pandas DataFrame back to per-item results in their original order (rows keep table order)."""
     entries: dict[int, list[dict[str, Any]]] = {i: [] for i, kind in enumerate(kinds) if kind}
     items = [int(i) for i in frame["item"].tolist()]
@@ -426,7 +442,7 @@ def regroup(results: list[Any], kinds: list[str | None], frame: Any,
                            f"of this batch; keep the 'item' column as it was")
     names = [c for c in frame.columns if c != "item"]
     rows = list(zip(*(_values(frame[c]) for c in names))) if names else [()] * len(items)
-    plans = {kind: _plan(names, kind) for kind in set(filter(None, kinds))}
+    plans = {kind: _plan(names, kind, specs) for kind in set(filter(None, kinds))}
     for item, row in zip(items, rows):
         entries[item].append({key: [row[j] for j in cols] if key == "box" else row[cols[0]]
                               for key, cols in plans[kinds[item]]})
@@ -440,11 +456,11 @@ def regroup(results: list[Any], kinds: list[str | None], frame: Any,
     return out
 
 
-def _plan(columns: list[str], kind: str | None) -> list[tuple[str, list[int]]]:
+def _plan(columns: list[str], kind: str, specs: Mapping[str, TableSpec]) -> list[tuple[str, list[int]]]:
     """(entry key, positions in `columns`) in column order; the four box columns become one 'box'."""
-    back = {col: key for key, col in LIST_COLUMNS.get(kind or "", {}).items()}
-    own = KIND_COLUMNS.get(kind or "", ())
-    foreign = {c for cols in KIND_COLUMNS.values() for c in cols} - set(own)  # another kind's, e.g. boxes
+    back = {col: key for key, col in specs[kind].renames.items()}
+    own = specs[kind].columns
+    foreign = {c for spec in specs.values() for c in spec.columns} - set(own)  # another kind's, e.g. boxes
     has_box = all(c in columns for c in BOX_COLUMNS) and BOX_COLUMNS[0] not in foreign
     plan: list[tuple[str, list[int]]] = []
     for j, col in enumerate(columns):

@@ -69,3 +69,24 @@ def build_tiny_archive(name: str, store: Path, build_dir: Path, **archive_kwargs
         save_torchscript(make_model(), script)
     return build_archive(name, script, store, labels=write_labels(build_dir), log=lambda message: None,
                          **archive_kwargs)
+
+
+#: The worked example of a new task written as one module (docs/subclassing.md).
+TAGGER = Path(__file__).resolve().parents[1] / "docs" / "examples" / "multilabel_tagger.py"
+CONST_TAGS = """import torch
+from torch import nn
+
+
+class ConstTags(nn.Module):
+    \"\"\"Logits [2.0, -2.0, 0.5] for every image: sigmoid 0.880797, 0.119203, 0.622459.\"\"\"
+
+    def forward(self, x):
+        return torch.tensor([[2.0, -2.0, 0.5]], device=x.device).expand(x.shape[0], -1) + 0 * x.mean()
+"""
+
+
+def tagger_model(directory: Path) -> tuple[Path, Path]:
+    """(state dict, model.py) of the constant-logit tagging model."""
+    (directory / "tags_model.py").write_text(CONST_TAGS)
+    torch.save({}, directory / "tags.pt")
+    return directory / "tags.pt", directory / "tags_model.py"

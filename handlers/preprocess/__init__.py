@@ -141,6 +141,9 @@ class Batch:
 
 class Preprocessor(Protocol):
     name: str
+    #: Items so far that this backend sent to the CPU path (a GPU decoder refused them); the
+    #: PreprocessFallbacks metric is its growth per batch.
+    fallback_items: int
 
     def run(self, items: list[bytes]) -> Batch: ...
 

@@ -52,6 +52,7 @@ class CpuPreprocessor:
     (decode_pool.py, handler.pipeline.decode_processes); output goes to `spec.device`."""
 
     name = NAME
+    fallback_items = 0  # the CPU path is no other backend's fallback
 
     def __init__(
         self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,

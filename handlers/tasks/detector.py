@@ -44,9 +44,11 @@ import torch
 from torchvision.ops import batched_nms
 
 from ..base import VisionHandler
+from ..config import HandlerConfig, check_choice, check_positive, check_unit_interval
 from ..errors import ConfigError, ModelLoadError
 from ..labels import LABELS_FILE, load_archive_labels
 from ..preprocess import Geometry
+from ..tables import BOX_COLUMNS, TableSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,40 @@ _FORMS = (
 )
 # NMS groups are image * _CLASS_SPAN + class: distinct for every (image, class) pair of ids below it.
 _CLASS_SPAN = 1 << 24
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """`handler.detector`: decoding, thresholds and NMS of detection outputs."""
+
+    output_format: str = "auto"
+    """auto | yolo ([B, 4+C, N] cx,cy,w,h + class scores) | xyxy_score_class ([B, N, 6]) |
+    torchvision (list of dicts with boxes, labels, scores)."""
+    score_threshold: float = 0.25
+    class_thresholds: dict[str, float] = field(default_factory=dict)
+    """Per-class minimum score, keyed by class id or label; overrides score_threshold."""
+    iou_threshold: float = 0.45
+    class_agnostic: bool = False
+    """NMS across classes (one box per object whatever its class) instead of per class."""
+    nms: str = "auto"
+    """auto (only for yolo outputs, which have none) | always | never."""
+    max_detections: int = 100
+
+    def validate(self, path: str) -> None:
+        check_choice(self.output_format, ("auto", *OUTPUT_FORMATS), f"{path}.output_format")
+        check_choice(self.nms, ("auto", "always", "never"), f"{path}.nms")
+        check_unit_interval(self.score_threshold, f"{path}.score_threshold")
+        check_unit_interval(self.iou_threshold, f"{path}.iou_threshold")
+        for key, value in self.class_thresholds.items():
+            check_unit_interval(value, f"{path}.class_thresholds.{key}")
+        check_positive(self.max_detections, f"{path}.max_detections")
+
+
+@dataclass(frozen=True)
+class ObjectDetectorConfig(HandlerConfig):
+    """The `handler:` section of a detection archive."""
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
 
 
 class Detection(NamedTuple):
@@ -329,6 +365,13 @@ class ObjectDetector(VisionHandler):
     """Boxes in original pixels from yolo, xyxy_score_class or torchvision detector outputs."""
 
     task = "object-detection"
+    config_class = ObjectDetectorConfig
+    config: ObjectDetectorConfig
+    # Detectors take the whole image letterboxed at 0..1 scale, as Ultralytics YOLO and
+    # torchvision's detection models expect.
+    task_defaults = {"preprocess": {"geometry": "letterbox", "input_size": 640,
+                                    "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
+    table = TableSpec("detections", ("class_id", "label", "score", *BOX_COLUMNS))
 
     def __init__(self) -> None:
         super().__init__()
@@ -358,13 +401,7 @@ class ObjectDetector(VisionHandler):
                         describe(outputs), self.output_format, self.params.runs_nms(self.output_format))
         check_output(outputs, self.output_format, len(geometry), len(self.labels))
         per_image = detect(outputs, geometry, self.output_format, self.params)
-        results: list[Any] = [self.result(dets, g) for dets, g in zip(per_image, geometry)]
-        # The optional result-table stage (handler.table: rules that filter or rename detections)
-        # runs on these dicts when the base class provides it.
-        apply_table = getattr(self, "apply_table", None)
-        if apply_table is not None:
-            results = apply_table(results)
-        return results
+        return [self.result(dets, g) for dets, g in zip(per_image, geometry, strict=True)]
 
     def result(self, detections: list[Detection], geometry: Geometry) -> dict[str, Any]:
         """One image's response body."""

@@ -21,12 +21,14 @@ the vector's little-endian bytes (`numpy.frombuffer(base64.b64decode(s), "<f2")`
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..base import VisionHandler
+from ..config import HandlerConfig, check_choice
 from ..errors import ModelLoadError
 from ..preprocess import Geometry
 
@@ -37,10 +39,35 @@ _SHAPE_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """`handler.embedder`: pooled vectors for vector databases."""
+
+    normalize: bool = True
+    """L2-normalise each vector."""
+    dtype: str = "float32"
+    """float32 | float16."""
+    encoding: str = "list"
+    """list (a JSON list of numbers) | base64 (little-endian bytes)."""
+
+    def validate(self, path: str) -> None:
+        check_choice(self.dtype, ("float32", "float16"), f"{path}.dtype")
+        check_choice(self.encoding, ("list", "base64"), f"{path}.encoding")
+
+
+@dataclass(frozen=True)
+class ImageEmbedderConfig(HandlerConfig):
+    """The `handler:` section of an embedding archive."""
+
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+
+
 class ImageEmbedder(VisionHandler):
     """Pooled vectors from a model that returns [B, D] or [B, D, 1, 1]."""
 
     task = "image-embedding"
+    config_class = ImageEmbedderConfig
+    config: ImageEmbedderConfig
 
     def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
         vectors = self.vectors(outputs, len(geometry))

@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from ..base import VisionHandler
-from ..errors import ModelLoadError
+from ..config import HandlerConfig, check_choice
+from ..errors import ConfigError, ModelLoadError
 from ..labels import load_archive_labels
 from ..preprocess import Geometry
 
@@ -77,10 +79,39 @@ def _coco_mask() -> Any:
     return mask
 
 
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """`handler.segmenter`: per-pixel classes mapped back to the original image."""
+
+    interpolation: str = "nearest"
+    """How logits reach original pixels: nearest (label map) | bilinear (on logits, then argmax)."""
+    min_area: int = 0
+    """Drop a class whose mask has fewer original pixels than this."""
+    output: str = "rle"
+    """rle (COCO compressed RLE per class) | png (a base64 PNG label map)."""
+
+    def validate(self, path: str) -> None:
+        check_choice(self.interpolation, ("nearest", "bilinear"), f"{path}.interpolation")
+        check_choice(self.output, ("rle", "png"), f"{path}.output")
+        if self.min_area < 0:
+            raise ConfigError(f"{path}.min_area: must be >= 0, got {self.min_area}")
+
+
+@dataclass(frozen=True)
+class SemanticSegmenterConfig(HandlerConfig):
+    """The `handler:` section of a semantic-segmentation archive."""
+
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+
+
 class SemanticSegmenter(VisionHandler):
     """Per-class masks (COCO RLE) or a PNG label map over a model that returns [B, C, H, W] logits."""
 
     task = "semantic-segmentation"
+    config_class = SemanticSegmenterConfig
+    config: SemanticSegmenterConfig
+    # ImageNet normalisation (torchvision's segmentation models), but the whole image.
+    task_defaults = {"preprocess": {"geometry": "letterbox", "input_size": 520}}
 
     def __init__(self) -> None:
         super().__init__()

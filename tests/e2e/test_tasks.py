@@ -20,6 +20,7 @@ from archiver_scripts import samples
 from archiver_scripts.cli import main as tsgpu
 from archiver_scripts.server import TorchServe
 from tests import detection_models, segmentation_models
+from tests.models import TAGGER, tagger_model
 
 BOX = (200, 150, 500, 400)  # the red rectangle, original pixels (x1, y1, x2, y2)
 BLUE = (560, 60, 760, 260)
@@ -56,10 +57,17 @@ def task_server(tmp_path_factory):
                   "--config", "embedder.dtype=float16",
                   "--model", str(_export(segmentation_models.RegionMeans(grid=2), build / "emb.pt2", (224, 224))),
                   *common]) == 0
-    ts = TorchServe(store, models=["detect.mar", "segment.mar", "embed.mar"], workdir=tmp_path_factory.mktemp("ts-tasks"),
-                    env={"OMP_NUM_THREADS": "1"})
+    # A user's own task (docs/examples/multilabel_tagger.py) with its own config section.
+    weights, model_py = tagger_model(build)
+    tags = build / "tags.json"
+    tags.write_text(json.dumps({"0": "red", "1": "blue", "2": "green"}))
+    assert tsgpu(["archive", "--name", "tagger", "--model", str(weights), "--model-class", f"{model_py}:ConstTags",
+                  "--labels", str(tags), "--handler-class", "multilabel_tagger:MultiLabelTagger",
+                  "--extra-files", str(TAGGER), "--config", "tagger.threshold=0.7", *common]) == 0
+    ts = TorchServe(store, models=["detect.mar", "segment.mar", "embed.mar", "tagger.mar"],
+                    workdir=tmp_path_factory.mktemp("ts-tasks"), env={"OMP_NUM_THREADS": "1"})
     with ts:
-        ts.wait_ready(["detect", "segment", "embed"], timeout=240)
+        ts.wait_ready(["detect", "segment", "embed", "tagger"], timeout=240)
         yield ts
 
 
@@ -133,3 +141,11 @@ def test_embedding_mixed_batch(task_server):
     assert first == second and first["dtype"] == "float16" and first["dim"] == 12
     vector = np.frombuffer(base64.b64decode(first["embedding_b64"]), "<f2").astype(np.float32)
     assert vector.shape == (12,) and abs(float(np.linalg.norm(vector)) - 1.0) < 2e-3
+
+
+def test_a_users_task_with_its_own_config_section(task_server):
+    responses = _batch(task_server, "tagger", [_scene(), b"", _scene()])
+    assert [r.status_code for r in responses] == [200, 400, 200]
+    # tagger.threshold 0.7 from the archive: 0.880797 is listed, 0.622459 and 0.119203 are not.
+    expected = {"tags": [{"index": 0, "label": "red", "score": 0.880797}]}
+    assert responses[0].json() == expected and responses[2].json() == expected

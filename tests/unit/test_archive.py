@@ -7,13 +7,16 @@ import ast
 import json
 import zipfile
 
+import numpy as np
 import pytest
 import yaml
 
 from archiver_scripts.archive import TASKS, ArchiveError, build_archive
 from archiver_scripts.cli import COMMANDS, build_parser, main
 from handlers.errors import ConfigError
+from archiver_scripts import samples
 from tests import models
+from tests.models import TAGGER, tagger_model
 
 
 def quiet(message: str) -> None:
@@ -64,7 +67,7 @@ def test_entry_file_defines_exactly_one_class(artifacts, tmp_path):
     classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
     assert classes == ["Handler"]  # TorchServe's loader needs exactly one class defined in the module
     imports = [node for node in tree.body if isinstance(node, ast.ImportFrom)]
-    assert any(n.module == "handlers.image_classifier" and n.names[0].name == "ImageClassifier" for n in imports)
+    assert any(n.module == "handlers.tasks.classifier" and n.names[0].name == "ImageClassifier" for n in imports)
 
 
 def test_eager_model_class_is_packed(artifacts, tmp_path):
@@ -80,6 +83,62 @@ def test_custom_handler_class(artifacts, tmp_path):
     mar = build_archive("mine", artifacts["script"], tmp_path / "out", handler_class="my_task:Mine", extra_files=[module], log=quiet)
     assert "from my_task import Mine as _Base" in read(mar, "tsgpu_entry.py")
     assert "class Mine" in read(mar, "my_task.py")
+
+
+def test_a_users_handler_is_validated_with_its_own_config_class(tmp_path, capsys):
+    weights, model_py = tagger_model(tmp_path)
+    common = ["--model", str(weights), "--model-class", f"{model_py}:ConstTags", "--export-path", str(tmp_path / "store"),
+              "--handler-class", "multilabel_tagger:MultiLabelTagger", "--extra-files", str(TAGGER)]
+    assert main(["archive", "--name", "tagger", "--config", "tagger.threshold=0.7", *common]) == 0
+    mar = tmp_path / "store" / "tagger.mar"
+    section = yaml.safe_load(read(mar, "model-config.yaml"))["handler"]
+    assert section["tagger"] == {"threshold": 0.7}
+    assert section["preprocess"] == {"geometry": "stretch", "input_size": 224}  # the class's task_defaults
+    assert "class MultiLabelTagger" in read(mar, "multilabel_tagger.py")
+    capsys.readouterr()
+    # Still strict: an unknown key of the user's own section, and a bad value, are refused by name.
+    assert main(["archive", "--name", "t2", "--config", "tagger.treshold=0.7", *common]) == 2
+    assert "handler.tagger: unknown key 'treshold'; known keys: max_tags, threshold" in capsys.readouterr().err
+    assert main(["archive", "--name", "t3", "--config", "tagger.threshold=1.5", *common]) == 2
+    assert "handler.tagger.threshold: must be within 0..1, got 1.5" in capsys.readouterr().err
+    with pytest.raises(ArchiveError, match=r"no multilabel_tagger\.py in --extra-files"):
+        build_archive("t4", weights, tmp_path / "store", model_class=f"{model_py}:ConstTags",
+                      handler_class="multilabel_tagger:MultiLabelTagger", log=quiet)
+    with pytest.raises(ArchiveError, match=r"multilabel_tagger has no VisionHandler subclass named Tagger"):
+        build_archive("t5", weights, tmp_path / "store", model_class=f"{model_py}:ConstTags",
+                      handler_class="multilabel_tagger:Tagger", extra_files=[TAGGER], log=quiet)
+
+
+def test_a_new_task_is_one_module_plus_its_registration(tmp_path, monkeypatch):
+    from handlers import tasks
+    from handlers.testing import FakeContext, raw_request, run_handler
+
+    monkeypatch.syspath_prepend(str(TAGGER.parent))
+    monkeypatch.setitem(tasks.TASK_HANDLERS, "image-tagging", "multilabel_tagger:MultiLabelTagger")
+    weights, model_py = tagger_model(tmp_path)
+    (tmp_path / "tags.json").write_text(json.dumps({"0": "red", "1": "blue", "2": "green"}))
+    (tmp_path / "rules.csv").write_text("label,min_score,rename,action\nred,,crimson,\n")
+    assert main(["archive", "--name", "tagger", "--task", "image-tagging", "--model", str(weights),
+                 "--model-class", f"{model_py}:ConstTags", "--labels", str(tmp_path / "tags.json"),
+                 "--config", "tagger.threshold=0.6", "--config", "table.enabled=true", "--config", "table.rules=rules.csv",
+                 "--extra-files", str(TAGGER), "--extra-files", str(tmp_path / "rules.csv"),
+                 "--export-path", str(tmp_path / "store")]) == 0
+    unpacked = tmp_path / "unpacked"
+    zipfile.ZipFile(tmp_path / "store" / "tagger.mar").extractall(unpacked)
+    handler_config = yaml.safe_load((unpacked / "model-config.yaml").read_text())["handler"]
+    handler_class = tasks.task_handler("image-tagging")
+    ctx = FakeContext(unpacked, handler_config=handler_config, batch_size=2)
+    handler = handler_class()
+    handler.initialize(ctx)
+    jpeg = samples.encode(np.full((48, 64, 3), 128, np.uint8), "JPEG")
+    ok, bad = run_handler(handler, ctx, [raw_request(jpeg), raw_request(b"not an image")])
+    # The table stage knows the new kind from the registry: the rules file renamed 'red'.
+    assert ok.status == 200 and ok.body == {
+        "tags": [{"index": 0, "label": "crimson", "score": 0.880797},
+                 {"index": 2, "label": "green", "score": 0.622459}],
+        "counts": {"crimson": 1, "green": 1},
+    }
+    assert bad.status == 415
 
 
 def test_bad_config_key_fails_the_build(artifacts, tmp_path):

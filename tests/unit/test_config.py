@@ -6,17 +6,19 @@ import pytest
 
 from handlers.config import HandlerConfig, apply_overrides, load_handler_config
 from handlers.errors import ConfigError
+from handlers.tasks import TASK_HANDLERS, task_handler
+from handlers.tasks.classifier import ImageClassifierConfig
 
 
 def test_empty_section_gives_defaults():
-    cfg = load_handler_config({"batchSize": 8})
-    assert cfg == HandlerConfig()
+    cfg = load_handler_config({"batchSize": 8}, ImageClassifierConfig)
+    assert cfg == ImageClassifierConfig()
     assert cfg.preprocess.resize_size == 256 and cfg.preprocess.crop_size == 224
     assert cfg.classifier.top_k == 5 and cfg.preprocess.backend == "auto"
 
 
 def test_values_are_read_and_typed():
-    cfg = HandlerConfig.from_mapping({
+    cfg = ImageClassifierConfig.from_mapping({
         "threads": 2,
         "preprocess": {"resize_size": 320, "crop_size": 288, "mean": [0.5, 0.5, 0.5], "draft_min_ratio": 3},
         "classifier": {"top_k": 1},
@@ -43,7 +45,7 @@ def test_values_are_read_and_typed():
 ])
 def test_bad_config_names_key_and_value(section, fragments):
     with pytest.raises(ConfigError) as info:
-        HandlerConfig.from_mapping(section)
+        ImageClassifierConfig.from_mapping(section)
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
@@ -59,7 +61,7 @@ def test_overrides_set_nested_keys_with_yaml_values():
     out = apply_overrides(section, ["preprocess.resize_size=320", "classifier.top_k=3", "preprocess.jpeg_draft=false"])
     assert out == {"preprocess": {"backend": "cpu", "resize_size": 320, "jpeg_draft": False}, "classifier": {"top_k": 3}}
     assert section == {"preprocess": {"backend": "cpu"}}  # input untouched
-    cfg = HandlerConfig.from_mapping(out)
+    cfg = ImageClassifierConfig.from_mapping(out)
     assert cfg.preprocess.jpeg_draft is False and cfg.classifier.top_k == 3
 
 
@@ -74,17 +76,28 @@ def test_bad_overrides(item, fragment):
 
 
 def test_to_dict_round_trips():
-    cfg = HandlerConfig.from_mapping({"classifier": {"top_k": 2}})
-    assert HandlerConfig.from_mapping(cfg.to_dict()) == cfg
+    cfg = ImageClassifierConfig.from_mapping({"classifier": {"top_k": 2}})
+    assert ImageClassifierConfig.from_mapping(cfg.to_dict()) == cfg
+
+
+def test_the_shared_section_knows_no_task_and_each_task_adds_its_own():
+    with pytest.raises(ConfigError, match=r"handler: unknown key 'detector'"):
+        HandlerConfig.from_mapping({"detector": {"score_threshold": 0.5}})
+    shared = {f for f in HandlerConfig.__dataclass_fields__}
+    for task in TASK_HANDLERS:
+        cls = task_handler(task)
+        assert cls.task == task and issubclass(cls.config_class, HandlerConfig)
+        own = set(cls.config_class.__dataclass_fields__) - shared
+        assert len(own) == 1, (task, own)  # exactly one section of its own, e.g. detector
 
 
 def test_task_defaults_yield_to_a_users_center_crop():
     from handlers.config import with_task_defaults
 
     seg = HandlerConfig.from_mapping(with_task_defaults({"preprocess": {"crop_size": 480, "resize_size": 480}},
-                                                        "semantic-segmentation"))
+                                                        task_handler("semantic-segmentation").task_defaults))
     assert seg.preprocess.input_hw == (480, 480) and seg.preprocess.geometry == "letterbox"
-    det = HandlerConfig.from_mapping(with_task_defaults({"preprocess": {"geometry": "center_crop"}}, "object-detection"))
+    det = HandlerConfig.from_mapping(with_task_defaults({"preprocess": {"geometry": "center_crop"}}, task_handler("object-detection").task_defaults))
     assert det.preprocess.input_hw == (224, 224)
-    plain = HandlerConfig.from_mapping(with_task_defaults({}, "object-detection"))
+    plain = HandlerConfig.from_mapping(with_task_defaults({}, task_handler("object-detection").task_defaults))
     assert plain.preprocess.input_hw == (640, 640) and plain.preprocess.std == (1.0, 1.0, 1.0)

@@ -150,11 +150,17 @@ class _Flaky(ImageClassifier):
             raise RuntimeError("forward failed on purpose")
         return super().forward(x)
 
-    def _preprocess(self, encoded):
-        self.calls["decode"] += 1
-        if self.calls["decode"] == self.fail_decode_at:
-            raise RuntimeError("decode failed on purpose")
-        return super()._preprocess(encoded)
+    def initialize(self, context):
+        super().initialize(context)
+        run = self.preprocessor.run
+
+        def flaky_run(encoded):
+            self.calls["decode"] += 1
+            if self.calls["decode"] == self.fail_decode_at:
+                raise RuntimeError("decode failed on purpose")
+            return run(encoded)
+
+        self.preprocessor.run = flaky_run
 
 
 @pytest.mark.parametrize("stage", ["forward", "decode"])

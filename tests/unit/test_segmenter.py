@@ -25,14 +25,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageOps
-from pycocotools import mask as coco_mask
 
-from handlers.config import SegmenterConfig
 from handlers.errors import ModelLoadError
 from handlers.preprocess.geometry import plan_letterbox
-from handlers.tasks.segmenter import SemanticSegmenter, bilinear_label_map, nearest_label_map, no_class
+from handlers.tasks.segmenter import (
+    SegmenterConfig,
+    SemanticSegmenter,
+    bilinear_label_map,
+    nearest_label_map,
+    no_class,
+)
 from handlers.testing import FakeContext, raw_request, run_handler
 from tests.segmentation_models import ChannelMeanMap, ColourSegmenter, save_exported
+
+coco_mask = pytest.importorskip("pycocotools.mask", reason="pycocotools is not installed (COCO RLE masks)")
 
 LABELS = {"0": "background", "1": "red", "2": "blue", "3": "padding"}
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -225,7 +225,7 @@ def test_metric_reporting_failures_never_fail_a_request(model_dir, jpeg, monkeyp
     def broken_finish(timer):
         raise RuntimeError("stage clock bug")
 
-    monkeypatch.setattr(handler._stages, "finish", broken_finish)
+    monkeypatch.setattr(handler.stage_clock, "finish", broken_finish)
     ctx.metrics = FakeMetrics()
     responses = run_handler(handler, ctx, [raw_request(jpeg)])
     assert [r.status for r in responses] == [200]

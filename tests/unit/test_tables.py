@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import copy
 import importlib.machinery
 import importlib.util
@@ -394,6 +395,32 @@ def test_classifier_applies_the_archive_rules_and_the_hook(model_dir, images, tm
     assert any(p["probability"] < min_score for p in every) and any(p["label"] == denied for p in every)
     assert len(kept) < len(every)
     assert any(e["label"] == "renamed" for e in kept)
+
+
+class Exclaims(ImageClassifier):
+    """A hook that marks every label each time it runs: run twice, a label would get two marks."""
+
+    def postprocess_table(self, df):
+        return df.assign(label=df["label"] + "!")
+
+
+class CallsApplyTable(Exclaims):
+    """A subclass written when tasks called the table stage themselves, at the end of postprocess."""
+
+    def postprocess(self, outputs, geometry):
+        return self.apply_table(super().postprocess(outputs, geometry))
+
+
+def test_the_table_stage_runs_once_after_postprocess_even_when_a_subclass_calls_it(model_dir, images, caplog):
+    table = {"enabled": True, "engine": "pandas"}
+    plain = run_classifier(model_dir, images, table, Exclaims)
+    with caplog.at_level(logging.WARNING, logger="handlers.base"):
+        legacy = run_classifier(model_dir, images, table, CallsApplyTable)
+    assert [r.status for r in plain] == [200, 400, 200, 200, 200]
+    assert [r.body for r in legacy] == [r.body for r in plain]
+    labels = [p["label"] for r in plain if r.status == 200 for p in r.body["predictions"]]
+    assert len(labels) == 20 and all(label.endswith("!") and not label.endswith("!!") for label in labels)
+    assert sum("calls apply_table" in m for m in caplog.messages) == 1  # warned once, at warm-up
 
 
 def test_classifier_load_fails_on_a_bad_rules_file_or_a_broken_hook(model_dir, images, tmp_path):
