@@ -16,6 +16,7 @@ help:
 	@echo "make demo   - demo classifier end to end through a real torchserve"
 	@echo "make test   - all tests (unit + end-to-end)"
 	@echo "make bench  - serving benchmark: our handler vs TorchServe's stock handler"
+	@echo "make bench AGAINST=REV - also this tree's handler vs the one at git revision REV (regression)"
 	@echo "make clean  - remove .venv and built archives"
 	@echo "make gpu-bundle - the small bundle a GPU window installs (docs/gpu-verification.md)"
 
@@ -55,11 +56,12 @@ test: $(TEST_STAMP) prometheus-tools
 # with its sha256, in gpu-bundle/ (git-ignored). Needs pip and a package index, not the venv.
 GPU_BUNDLE ?= gpu-bundle
 gpu-bundle:
-	$(PYTHON) benchmarks/gpu_check.py bundle --out $(GPU_BUNDLE)
+	$(PYTHON) -m benchmarks.gpu_check bundle --out $(GPU_BUNDLE)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet captum  # TorchServe's stock vision handler imports it
-	$(PY) benchmarks/serving.py
+	$(PY) -m benchmarks.serving
+	$(if $(AGAINST),$(PY) -m benchmarks.regression --against $(AGAINST))
 
 clean:
 	rm -rf $(VENV) model_store/*.mar model_store/.*-build .pytest_cache

@@ -140,7 +140,7 @@ def build_archive(
             raise ArchiveError(f"--model-class {model_class}: {class_file} does not exist")
         class_files.append(class_file)
         section["model"].update({"format": "eager", "model_class": f"{class_file.name}:{cls_part}"})
-    for path, info in zip(model_paths, infos):
+    for path, info in zip(model_paths, infos, strict=True):
         if info is None:
             continue
         source = info.meta.get("model_source")
@@ -167,15 +167,15 @@ def build_archive(
     }
     with tempfile.TemporaryDirectory(prefix="tsgpu-archive-") as tmp:
         stage = Path(tmp)
-        sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB{', ' + i.backend if i else ''})" for p, i in zip(model_paths, infos))
+        sizes = ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB{', ' + i.backend if i else ''})" for p, i in zip(model_paths, infos, strict=True))
         log(f"[1/4] staging {name}: {sizes}, task {task}")
         has_fallback = any(map(_fallback_for_other_cpus, infos))
-        for path, info in zip(model_paths, infos):
+        for path, info in zip(model_paths, infos, strict=True):
             note = _portability_note(info, has_fallback)
             if note:
                 log(f"  note: {path.name}: {note}")
         artifact_extras = [p.resolve() for p in model_paths[1:]]
-        artifact_extras += [metadata_path(p).resolve() for p, i in zip(model_paths, infos) if i is not None]
+        artifact_extras += [metadata_path(p).resolve() for p, i in zip(model_paths, infos, strict=True) if i is not None]
         extras = _stage(stage, module, cls, model_config, labels_path, class_files, [*artifact_extras, *extra_files])
         log(f"[2/4] handler section validated: {json.dumps(section, sort_keys=True)}")
         log(f"[3/4] writing {target} with torch-model-archiver")

@@ -2,7 +2,7 @@
 
     tsgpu compile --model torchvision:resnet50 --output DIR [...]    compile + validate an artifact
     tsgpu archive --name NAME --model FILE --export-path DIR [...]   build a .mar
-    tsgpu serve [--model-store DIR] [--config config.properties]    run stock torchserve
+    tsgpu serve [--model-store DIR] [--ts-config config.properties] run stock torchserve
     tsgpu demo                                                       the end-to-end demo
     tsgpu kserve --model-store DIR --output DIR                      KServe storage layout + InferenceService
     tsgpu autoscale --policy POLICY.yaml [--management URL] [...]  priority autoscaler beside torchserve
@@ -75,7 +75,11 @@ def _compile_parser(sub: argparse._SubParsersAction) -> None:
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run stock torchserve on a model store (foreground; Ctrl-C stops it)")
     p.add_argument("--model-store", default="model_store")
-    p.add_argument("--config", default="config.properties", help="TorchServe config.properties")
+    p.add_argument("--ts-config", default="config.properties", metavar="FILE",
+                   help="TorchServe's config.properties (torchserve's own --ts-config; default: config.properties)")
+    # `--config` means KEY=VALUE settings for `tsgpu archive`; here it was the config file. Still accepted
+    # (with a note on stderr) so that existing scripts keep working.
+    p.add_argument("--config", dest="deprecated_config", default=None, metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--models", default="all", help="models to load (default: all)")
 
 
@@ -125,9 +129,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .java import find_java
     from .server import torchserve_executable
 
+    ts_config = args.ts_config
+    if args.deprecated_config is not None:
+        print("tsgpu serve: --config is deprecated, use --ts-config (the TorchServe config.properties file)",
+              file=sys.stderr)
+        ts_config = args.deprecated_config
     java = find_java()
     print(f"tsgpu serve: Java {java.version} from {java.source} ({java.java_home})", flush=True)
-    cmd = [torchserve_executable(), "--start", "--foreground", "--ncs", "--ts-config", args.config,
+    cmd = [torchserve_executable(), "--start", "--foreground", "--ncs", "--ts-config", ts_config,
            "--model-store", args.model_store, "--models", args.models]
     os.execvpe(cmd[0], cmd, java.env())
     return 0  # not reached

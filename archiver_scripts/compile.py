@@ -36,7 +36,12 @@ import torch
 from torch import nn
 
 from handlers.artifacts import (
-    CPU_TARGETS, METADATA_VERSION, cpu_target_supported, device_info, library_versions, metadata_path,
+    CPU_TARGETS,
+    METADATA_VERSION,
+    cpu_target_supported,
+    device_info,
+    library_versions,
+    metadata_path,
     native_cpu_precision,
 )
 from handlers.extras import install_hint

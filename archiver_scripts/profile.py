@@ -14,7 +14,7 @@ is built from those. Nothing is served.
 Two sweeps, so that a profile stays short (each handler load costs seconds):
 
 1. every batch size, with the first `--micro-batch` and `--decode-processes` values (default 0 and
-   0: today's path) -> the batch size to recommend;
+   0: the plain path, no micro-batches and no decode processes) -> the batch size to recommend;
 2. at that batch size, every other (micro_batch, decode_processes) pair, the handler loaded once per
    pair with `handler.pipeline.*` overridden in its model-config -> the pipeline settings to
    recommend. A micro-batch not smaller than the batch size is skipped (the handler pipelines only
@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from archiver_scripts.cpu_time import cpu_seconds
 from handlers.runtime import available_cpus, cpu_threads_per_worker
 from handlers.stages import DECODE, DEVICE_IDLE, FORWARD, OVERLAP, STAGES, UPLOAD
 from handlers.testing import FakeContext, raw_request, run_handler
@@ -227,31 +228,6 @@ def read_images(directory: Path) -> list[bytes]:
     if not files:
         raise ProfileError(f"--images {directory}: no files in it (put a few JPEG/PNG images there)")
     return [p.read_bytes() for p in files]
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its child processes (decode processes work outside our GIL)."""
-    import psutil
-
-    return tree_cpu_seconds(psutil.Process())
-
-
-def tree_cpu_seconds(root: Any) -> float:
-    """User + system CPU seconds of a psutil process and all its descendants (gone ones skipped)."""
-    import psutil
-
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass  # exited meanwhile
-    return total
 
 
 def measure(handler: Any, context: FakeContext, images: list[bytes], batch_size: int, seconds: float,
@@ -512,6 +488,7 @@ def _measure_all(mar: Path, handler: Any, context: FakeContext, images: list[byt
 def _profile_loaded(mar: Path, model_dir: Path, manifest: dict[str, Any], images: list[bytes],
                     batch_sizes: list[int], seconds: float, micro_batch: list[int | str],
                     decode_processes: list[int | str]) -> Profile:
+    import handlers.preprocess as preprocess  # the archive's copy
     from handlers.preprocess import backend_module, resolve_backend  # the archive's copy
 
     yaml_config = archive_yaml(model_dir, manifest)
@@ -527,8 +504,9 @@ def _profile_loaded(mar: Path, model_dir: Path, manifest: dict[str, Any], images
     with _loaded(mar, model_dir, manifest, load_size, base) as (handler, context):
         runs = _measure_all(mar, handler, context, images, batch_sizes, seconds, base_run_setting)
         device, backend = str(handler.device), handler.preprocessor.name
-        backends = {name: backend_module(name).availability(handler.device)
-                    for name in ("cpu", "torchvision", "dali", "cvcuda")}
+        # The archive's registry names its backends; an archive older than the registry had these four.
+        names = getattr(preprocess, "BACKEND_NAMES", ("cpu", "torchvision", "dali", "cvcuda"))
+        backends = {name: backend_module(name).availability(handler.device) for name in names}
         auto = resolve_backend("auto", handler.device)
         torch_threads = torch.get_num_threads()
         handler_class = f"{type(handler).__mro__[1].__module__}.{type(handler).__mro__[1].__name__}"

@@ -14,6 +14,7 @@ model's output against the untouched eval-mode model on a sample input:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -130,7 +131,7 @@ def _fold_sequential(model: nn.Module) -> int:
         if not isinstance(parent, nn.Sequential):
             continue
         names = list(parent._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.pairwise(names):
             conv, bn = parent._modules[a], parent._modules[b]
             if any(isinstance(conv, c) and isinstance(bn, n) for c, n in _CONV_BN):
                 parent._modules[a] = fuse_conv_bn_eval(conv, bn)

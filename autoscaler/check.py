@@ -17,7 +17,14 @@ from typing import TextIO
 from .policy import Policy, PolicyError, load_policy
 from .signals import METRICS_MODE_FIX, REQUIRED_SERIES, SAME_SERVER_FIX, missing_series, series_blind, uncounted_blind
 from .torchserve import (
-    AuthError, KeyFile, ManagementClient, ModelNotFound, Scrape, TorchServeError, Unreachable, metrics_endpoint,
+    AuthError,
+    KeyFile,
+    ManagementClient,
+    ModelNotFound,
+    Scrape,
+    TorchServeError,
+    Unreachable,
+    metrics_endpoint,
     scrape_metrics,
 )
 

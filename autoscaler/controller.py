@@ -40,8 +40,15 @@ from .exporter import Registry
 from .policy import ModelPolicy, Policy
 from .signals import BlindWatch
 from .torchserve import (
-    AuthError, ManagementClient, ModelInfo, ModelNotFound, ScaleFailed, TorchServeError, Unreachable,
-    gpu_memory_mb_by_pid, scrape_metrics,
+    AuthError,
+    ManagementClient,
+    ModelInfo,
+    ModelNotFound,
+    ScaleFailed,
+    TorchServeError,
+    Unreachable,
+    gpu_memory_mb_by_pid,
+    scrape_metrics,
 )
 
 log = logging.getLogger("tsgpu.autoscale")
@@ -195,7 +202,7 @@ class Controller:
             else:
                 gpu = self.gpu_memory() if gpu is None else gpu
                 per_pid = gpu.get(int(mp.device.split(":")[1]), {})
-                values = [per_pid[w.pid] for w in info.workers if w.pid in per_pid]
+                values = [per_pid[w.pid] for w in info.workers if w.pid is not None and w.pid in per_pid]
             costs[name] = max(values) if values else None
         return costs
 

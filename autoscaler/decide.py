@@ -325,9 +325,10 @@ def _fit_device(policy: Policy, budget: Budget, names: list[str], wants: Mapping
         if budget.workers is not None and used_workers + 1 > budget.workers:
             return False
         if budget.memory_mb is not None:
-            if cost[name] is None:
+            mb = cost[name]
+            if mb is None:
                 return False
-            return used_mb + cost[name] <= budget.memory_mb + 1e-9
+            return used_mb + mb <= budget.memory_mb + 1e-9
         return True
 
     for priority in sorted({mps[n].priority for n in names}, reverse=True):

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from handlers.errors import ConfigError
 
@@ -100,7 +100,7 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"policy file {path}: {exc}") from None
 
 
-def parse_policy(data: Any) -> Policy:
+def parse_policy(data: object) -> Policy:
     """Validate a policy mapping (as loaded from YAML)."""
     if not isinstance(data, Mapping):
         raise PolicyError(f"expected a mapping with keys {sorted(_TOP_KEYS)}, got {type(data).__name__}")
@@ -118,7 +118,7 @@ def parse_policy(data: Any) -> Policy:
     return policy
 
 
-def _budgets(raw: Any) -> dict[str, Budget]:
+def _budgets(raw: object) -> dict[str, Budget]:
     if not isinstance(raw, Mapping):
         raise PolicyError(f"budgets: expected a mapping of device -> limits, got {raw!r}")
     budgets = {}
@@ -136,15 +136,15 @@ def _budgets(raw: Any) -> dict[str, Budget]:
     return budgets
 
 
-def _model(name: str, spec: Any, default_device: str) -> ModelPolicy:
+def _model(name: str, spec: object, default_device: str) -> ModelPolicy:
     where = f"models.{name}"
     if not isinstance(spec, Mapping):
         raise PolicyError(f"{where}: expected a mapping of settings, got {spec!r}")
     _no_unknown(spec, _MODEL_KEYS, where)
     min_workers = _integer(spec, "min_workers", where, 1, minimum=0)
-    if "max_workers" not in spec:
-        raise PolicyError(f"{where}.max_workers: required (the most workers this model may have)")
     max_workers = _integer(spec, "max_workers", where, None, minimum=1)
+    if max_workers is None:
+        raise PolicyError(f"{where}.max_workers: required (the most workers this model may have)")
     if max_workers < min_workers:
         raise PolicyError(f"{where}.max_workers: {max_workers} is below min_workers {min_workers}")
     target_queue = _number(spec, "target_queue_ms", where, None, minimum=0.001)
@@ -204,7 +204,11 @@ def _no_unknown(spec: Mapping, allowed: set[str], where: str) -> None:
             raise PolicyError(f"{path}: unknown key (expected one of: {', '.join(sorted(allowed))})")
 
 
-def _number(spec: Mapping, key: str, where: str, default: float | None, minimum: float | None) -> float | None:
+@overload
+def _number(spec: Mapping[str, Any], key: str, where: str, default: float, minimum: float | None) -> float: ...
+@overload
+def _number(spec: Mapping[str, Any], key: str, where: str, default: None, minimum: float | None) -> float | None: ...
+def _number(spec: Mapping[str, Any], key: str, where: str, default: float | None, minimum: float | None) -> float | None:
     path = f"{where}.{key}" if where else key
     if key not in spec or spec[key] is None:
         return default
@@ -216,7 +220,11 @@ def _number(spec: Mapping, key: str, where: str, default: float | None, minimum:
     return float(value)
 
 
-def _integer(spec: Mapping, key: str, where: str, default: int | None, minimum: int | None) -> int | None:
+@overload
+def _integer(spec: Mapping[str, Any], key: str, where: str, default: int, minimum: int | None) -> int: ...
+@overload
+def _integer(spec: Mapping[str, Any], key: str, where: str, default: None, minimum: int | None) -> int | None: ...
+def _integer(spec: Mapping[str, Any], key: str, where: str, default: int | None, minimum: int | None) -> int | None:
     path = f"{where}.{key}" if where else key
     if key not in spec or spec[key] is None:
         return default

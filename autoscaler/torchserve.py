@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger("tsgpu.autoscale")
 
 

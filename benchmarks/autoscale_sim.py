@@ -1,6 +1,6 @@
 """Replay a compressed diurnal trace for two tenants against a real torchserve, autoscaled vs static.
 
-    .venv/bin/python benchmarks/autoscale_sim.py [--duration 90] [--static 3,3 --static 1,1] [--device-ms 0]
+    .venv/bin/python -m benchmarks.autoscale_sim [--duration 90] [--static 3,3 --static 1,1] [--device-ms 0]
         [--trace day|night-batch] [--hi-utilization 0.45] [--lo-utilization 0.85] [--lo-min 1] [--ideal SERVICE_MS]
 
 Two archives of the tiny test classifier share a 4-worker CPU budget: `hi` (priority 10, SLO
@@ -40,8 +40,6 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 POLICY = {
     "interval_s": 1,
@@ -108,7 +106,7 @@ def ideal_saving(rate, static: tuple[int, int], service_s: float, utilization: t
     steps = 10_000
     used = 0
     for i in range(steps):
-        for tenant, cap, u, floor in zip(("hi", "lo"), static, utilization, minimum):
+        for tenant, cap, u, floor in zip(("hi", "lo"), static, utilization, minimum, strict=True):
             used += min(cap, max(floor, math.ceil(rate(tenant, i / steps) * service_s / (u or 1.0) - 1e-9)))
     return 1.0 - used / steps / sum(static)
 
@@ -242,7 +240,7 @@ def run_mode(mode: str, store: Path, duration: float, body: bytes, static: tuple
             thread = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
             thread.start()
         else:
-            for name, n in zip(("hi", "lo"), static):
+            for name, n in zip(("hi", "lo"), static, strict=True):
                 scale(ts.management_url, name, n)
             ts.wait_ready(["hi", "lo"])
         try:

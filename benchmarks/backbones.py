@@ -3,7 +3,7 @@
 Each backend's artifact is produced by `tsgpu compile` (surgery + compile + validation; cached) and
 loaded the way the handler loads it; eager is the untouched torchvision model in eval mode.
 
-    python benchmarks/backbones.py [--model torchvision:resnet50] [--device cpu] [--batches 1 8]
+    python -m benchmarks.backbones [--model torchvision:resnet50] [--device cpu] [--batches 1 8]
         [--backends export aoti aoti+cl aoti:bf16 ...] [--repeat 20]
 
 A backend whose library is missing here (tensorrt without torch_tensorrt, or on a CPU) is reported as
@@ -24,20 +24,17 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts.compile import DTYPES, CompileError, CompileOptions, compile_model, load_model  # noqa: E402
-from handlers.artifacts import cpu_model_name, native_cpu_precision  # noqa: E402
-from handlers.backbone import load_backbone  # noqa: E402
-from handlers.config import ModelConfig  # noqa: E402
-from handlers.errors import ModelLoadError  # noqa: E402
-from handlers.extras import install_hint  # noqa: E402
+from archiver_scripts.compile import DTYPES, CompileError, CompileOptions, compile_model, load_model
+from benchmarks.common import parse_variant
+from handlers.artifacts import cpu_model_name, native_cpu_precision
+from handlers.backbone import load_backbone
+from handlers.config import ModelConfig
+from handlers.errors import ModelLoadError
+from handlers.extras import install_hint
 
 
 def time_interleaved(runners: dict, inputs: dict, repeat: int, device: torch.device,
@@ -91,36 +88,6 @@ def host_description(device: torch.device) -> str:
     return f"{cpu_model_name()}, {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 {bf16}"
 
 
-@dataclass(frozen=True)
-class Variant:
-    backend: str
-    precision: str = "fp32"
-    channels_last: bool = False
-    static_batch: bool = False
-    cpu_target: str = "native"
-
-    def label(self, top: int) -> str:
-        return (f"{self.backend} {self.precision}" + (" channels-last" if self.channels_last else "")
-                + (f" static b{top}" if self.static_batch else "")
-                + (f" {self.cpu_target}" if self.cpu_target != "native" else ""))
-
-
-def parse_variant(spec: str, precision: str = "fp32", channels_last: bool = False, static_batch: bool = False) -> Variant:
-    """`BACKEND[:PRECISION][+cl][+static][+v3]`, e.g. `aoti`, `aoti:bf16`, `aoti:fp32+cl+static`,
-    `aoti+v3` (built for any x86-64-v3 CPU instead of this host); the keyword arguments are the
-    defaults for what the spec leaves out."""
-    head, *flags = spec.split("+")
-    backend, _, named = head.partition(":")
-    precision = named or precision
-    if precision not in DTYPES:
-        raise SystemExit(f"{spec!r}: precision must be one of {', '.join(DTYPES)}")
-    unknown = set(flags) - {"cl", "static", "v3"}
-    if unknown:
-        raise SystemExit(f"{spec!r}: unknown flag(s) {', '.join(sorted(unknown))} (use +cl, +static, +v3)")
-    return Variant(backend, precision, channels_last or "cl" in flags, static_batch or "static" in flags,
-                   "x86-64-v3" if "v3" in flags else "native")
-
-
 def unavailable(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot be measured here (a missing optional library), or None."""
     if backend == "tensorrt":
@@ -164,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if clash:
         raise SystemExit(f"--backends: {', '.join(sorted(clash))} given twice or clashing with the eager rows")
     # A backend whose library is absent is reported and left out; the others are still measured.
-    missing = {label: unavailable(v.backend, device) for v, label in zip(variants, labels)}
+    missing = {label: unavailable(v.backend, device) for v, label in zip(variants, labels, strict=True)}
     for label, reason in missing.items():
         if reason:
             print(f"# not measured: {label}: {reason}", flush=True)
-    variants = [v for v, label in zip(variants, labels) if not missing[label]]
+    variants = [v for v, label in zip(variants, labels, strict=True) if not missing[label]]
     labels = [label for label in labels if not missing[label]]
     failed: dict[str, str] = {}
     runners = {"eager fp32": (eager, torch.float32, False)}
@@ -181,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tsgpu-bb-") as tmp:
         weights = Path(tmp) / "weights.pt"
         torch.save(eager.state_dict(), weights)  # fixed weights: compiles hit the cache when repeated
-        for i, (v, label) in enumerate(zip(variants, labels)):
+        for i, (v, label) in enumerate(zip(variants, labels, strict=True)):
             t0 = time.perf_counter()
             try:
                 result = compile_model(CompileOptions(
@@ -224,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = gflop / (ms / 1000)
                 share = 100 * rate / ceiling[runners[label][1]]
                 # Per round, eager fp32 and this row ran back to back: their ratio cancels slow drift.
-                paired = sorted(e / t for e, t in zip(times["eager fp32"], ts))
+                paired = sorted(e / t for e, t in zip(times["eager fp32"], ts, strict=True))
                 spread = (f"{paired[len(paired) // 10]:.2f}-{paired[-1 - len(paired) // 10]:.2f}"
                           if len(paired) >= 10 else "-")
                 print(f"| {label} | {n} | {ms:.1f} | {p90:.1f} | {n * 1000 / ms:.1f} | {rate:.0f} | {share:.0f}% "

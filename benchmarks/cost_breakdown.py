@@ -3,7 +3,7 @@
 Single thread (one worker's share of a 2-core host running 2 workers), MobileNetV3-small
 TorchScript as the serving benchmark loads it (frozen, channels-last), batch 8.
 
-    python benchmarks/cost_breakdown.py
+    python -m benchmarks.cost_breakdown
 """
 
 from __future__ import annotations
@@ -11,16 +11,12 @@ from __future__ import annotations
 import io
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts import samples  # noqa: E402
-from handlers.preprocess import PreprocessSpec  # noqa: E402
-from handlers.preprocess.cpu import CpuPreprocessor  # noqa: E402
+from archiver_scripts import samples
+from handlers.preprocess import PreprocessSpec
+from handlers.preprocess.cpu import CpuPreprocessor
 
 
 def per_item_ms(fn, n_items: int, repeat: int = 10) -> float:

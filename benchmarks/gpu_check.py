@@ -17,8 +17,8 @@ torch/torchvision (CUDA 13), and at most 8 files brought back. So this runner:
 
     MODE=core|dali|cvcuda [OUT=gpu-results] [DEADLINE=420] bash benchmarks/gpu_check.sh
     DRY=1 OUT=/tmp/dry bash benchmarks/gpu_check.sh     # the whole harness on a CPU-only host (CI)
-    python benchmarks/gpu_check.py bundle [--out gpu-bundle]   # what `make gpu-bundle` runs
-    python benchmarks/gpu_check.py paths                 # the GPU paths table, states "never run"
+    python -m benchmarks.gpu_check bundle [--out gpu-bundle]   # what `make gpu-bundle` runs
+    python -m benchmarks.gpu_check paths                 # the GPU paths table, states "never run"
 
 Settings (environment): MODE (core), OUT (gpu-results), DEADLINE (420 s), DRY (0), BUNDLE (gpu-bundle),
 BUNDLE_SHA256 (optional: the digest `make gpu-bundle` printed), WORK (/tmp/tsgpu-gpu-check: scratch,
@@ -272,7 +272,7 @@ def plan(s: Settings) -> list[Step]:
         Step("bundle", "check the bundle's sha256, install it with pip --no-index --no-deps --target",
              limit_s=120, need_s=10, kind="setup"),
         Step("probe", "versions of torch/CUDA/driver/GPU libraries, each backend's availability",
-             [py, str(ROOT / "benchmarks/gpu_check.py"), "probe", str(work / "probe.json")],
+             [py, "-m", "benchmarks.gpu_check", "probe", str(work / "probe.json")],
              limit_s=120, need_s=10, kind="probe"),
     ]
     selector = {"core": [], "dali": ["-k", "dali"], "cvcuda": ["-k", "cvcuda"]}[s.mode]
@@ -282,34 +282,33 @@ def plan(s: Settings) -> list[Step]:
         [py, "-m", "pytest", "tests/unit", "-m", "gpu", *selector, "-q", "-rs", "-p", "no:cacheprovider",
          f"--junitxml={s.out / 'junit.xml'}", f"--basetemp={work / 'pytest'}"],
         limit_s=300, need_s=60, after=("bundle", *setup), kind="pytest"))
-    bench = str(ROOT / "benchmarks")
     if s.mode == "core":
         steps += [
             Step("preprocess", "throughput table on CUDA, 1080p: torchvision nvJPEG vs CPU decode + upload vs stock",
-                 [py, f"{bench}/preprocess.py", "--device", "cuda", "--sizes", "1080p", "--batches", "8", "64",
+                 [py, "-m", "benchmarks.preprocess", "--device", "cuda", "--sizes", "1080p", "--batches", "8", "64",
                   "--seconds", "1", "--backends", "torchvision", "cpu"], limit_s=150, need_s=40, gpu=True),
             Step("memory", "memory growth, torchvision backend on CUDA, 3,000 requests",
-                 [py, f"{bench}/preprocess_memory.py", "--backend", "torchvision", "--device", "cuda",
+                 [py, "-m", "benchmarks.preprocess_memory", "--backend", "torchvision", "--device", "cuda",
                   "--requests", "3000", "--warmup", "300", "--every", "500"], limit_s=150, need_s=60, gpu=True),
             Step("fuzz", "30 s of mutated images through every backend available on CUDA",
                  [py, str(ROOT / "fuzz/fuzz_decode.py"), "--seconds", "30", "--device", "cuda",
                   "--findings", str(work / "fuzz-findings")], limit_s=90, need_s=50, gpu=True, kind="fuzz"),
             Step("backbones-fp16", "ResNet-50 eager vs AOTInductor fp16 (and TensorRT if importable), cuda:0",
-                 [py, f"{bench}/backbones.py", "--device", "cuda:0", "--batches", "1", "8", "32", "--repeat", "20",
+                 [py, "-m", "benchmarks.backbones", "--device", "cuda:0", "--batches", "1", "8", "32", "--repeat", "20",
                   "--backends", "aoti:fp16", "tensorrt:fp16", "--cache-dir", str(work / "compile-cache")],
                  limit_s=240, need_s=100, gpu=True),
             Step("backbones-bf16", "ResNet-50 eager vs AOTInductor bf16, cuda:0",
-                 [py, f"{bench}/backbones.py", "--device", "cuda:0", "--batches", "1", "8", "32", "--repeat", "20",
+                 [py, "-m", "benchmarks.backbones", "--device", "cuda:0", "--batches", "1", "8", "32", "--repeat", "20",
                   "--backends", "aoti:bf16", "--cache-dir", str(work / "compile-cache")],
                  limit_s=240, need_s=100, gpu=True),
         ]
     else:
         steps += [
             Step("preprocess", f"throughput row on CUDA, 1080p: {s.mode} vs stock",
-                 [py, f"{bench}/preprocess.py", "--device", "cuda", "--sizes", "1080p", "--batches", "8", "64",
+                 [py, "-m", "benchmarks.preprocess", "--device", "cuda", "--sizes", "1080p", "--batches", "8", "64",
                   "--seconds", "1", "--backends", s.mode], limit_s=150, need_s=40, gpu=True, after=setup),
             Step("memory", f"memory growth, {s.mode} backend on CUDA, 3,000 requests",
-                 [py, f"{bench}/preprocess_memory.py", "--backend", s.mode, "--device", "cuda",
+                 [py, "-m", "benchmarks.preprocess_memory", "--backend", s.mode, "--device", "cuda",
                   "--requests", "3000", "--warmup", "300", "--every", "500"], limit_s=150, need_s=60, gpu=True,
                  after=setup),
             Step("fuzz", "20 s of mutated images through every backend available on CUDA",
@@ -439,7 +438,7 @@ PATHS: tuple[GpuPath, ...] = (
             ("test_geometry.py::test_accelerated_backends_meet_the_contract_in_every_mode[torchvision-cuda-*]",)),
     GpuPath("pinned upload of CPU-decoded items", "handlers/preprocess/cpu.py", "core",
             ("test_gpu_path_defects.py::test_cpu_upload_on_gpu_is_from_pinned_memory",)),
-    GpuPath("decode processes' page-locked shared frames (cudaHostRegister)", "handlers/preprocess/decode_pool.py, cpu.py",
+    GpuPath("decode processes' page-locked shared frames (cudaHostRegister)", "handlers/preprocess/host/frames.py, host/upload.py",
             "core", ("test_decode_pool.py::test_on_a_gpu_the_shared_frames_are_page_locked_and_match_threads",)),
     GpuPath("detector post-processing and float64 batched NMS on CUDA", "handlers/tasks/detector.py", "core",
             ("test_detector.py::test_post_processing_on_cuda_matches_cpu*",)),
@@ -704,7 +703,7 @@ class Runner:
         spec = self.s.work / "argcheck.json"
         spec.write_text(json.dumps({s.name: s.argv[1:] for s in steps if s.argv}))
         log = self.logs / "argcheck.log"
-        code, _ = run_command([self.s.python, str(ROOT / "benchmarks/gpu_check.py"), "argcheck", str(spec)], log,
+        code, _ = run_command([self.s.python, "-m", "benchmarks.gpu_check", "argcheck", str(spec)], log,
                               min(120, self.left()), self.env())
         try:
             return json.loads((self.s.work / "argcheck.result.json").read_text())
@@ -1033,10 +1032,9 @@ def cmd_probe(argv: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001 - absent or broken: both are worth reporting
             versions[key] = None
             result["origins"][key] = f"not importable: {type(exc).__name__}: {str(exc)[:200]}"
-    sys.path.insert(0, str(ROOT))
-    from handlers.preprocess import _BACKEND_MODULES, backend_module
+    from handlers.preprocess import BACKEND_NAMES, backend_module
 
-    for name in _BACKEND_MODULES:
+    for name in BACKEND_NAMES:
         try:
             why = backend_module(name).availability(torch.device("cuda"))
             if why is None and not available:
@@ -1087,10 +1085,15 @@ def cmd_argcheck(argv: list[str]) -> int:
 
     ap.ArgumentParser.parse_args = parse_and_stop  # type: ignore[method-assign]
     for name, args in spec.items():
-        script, *rest = args
+        # a step runs a module (`-m benchmarks.NAME ...`, from the repository root) or a script path
+        module = args[1] if args[0] == "-m" else None
+        script, *rest = args[1:] if module else args
         sys.argv = [script, *rest]
         try:
-            runpy.run_path(script, run_name="__main__")
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(script, run_name="__main__")
             results[name] = "error: the script ran to the end without parsing arguments"
         except _ArgsAccepted:
             results[name] = "arguments accepted"

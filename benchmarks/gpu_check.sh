@@ -16,4 +16,4 @@ set -u
 cd "$(dirname "$0")/.." || exit 2
 PY="${PY:-python3}"
 export PY
-exec "$PY" benchmarks/gpu_check.py run "$@"
+exec "$PY" -m benchmarks.gpu_check run "$@"

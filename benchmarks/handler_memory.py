@@ -6,7 +6,7 @@ from a local HTTP server on 127.0.0.1), through FakeContext. Separates Python-le
 and (`cycles`) counts what only Python's cyclic garbage collector would free: request-sized objects
 kept alive by reference cycles until a full collection, which a busy worker rarely runs.
 
-    python benchmarks/handler_memory.py {plain,url,trim,trace,cycles} BATCHES
+    python -m benchmarks.handler_memory {plain,url,trim,trace,cycles} BATCHES
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ import psutil
 import torch
 import torchvision
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.soak import image_server, make_images  # noqa: E402
-from handlers.image_classifier import ImageClassifier  # noqa: E402
-from handlers.testing import FakeContext, json_request, raw_request, run_handler  # noqa: E402
+from benchmarks.common import image_server, soak_images
+from handlers.image_classifier import ImageClassifier
+from handlers.testing import FakeContext, json_request, raw_request, run_handler
 
 
 def main() -> int:
@@ -42,7 +39,7 @@ def main() -> int:
     program = torch.export.export(model, (torch.randn(2, 3, 224, 224),),
                                   dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=16)}})
     torch.export.save(program, str(work / "m.pt2"))
-    good = make_images()
+    good = soak_images()
     bad = [b"", b"text", good[-1][: len(good[-1]) // 3]]
     server = image_server({f"img{i}.jpg": g for i, g in enumerate(good)})
     origin = f"http://127.0.0.1:{server.server_address[1]}"

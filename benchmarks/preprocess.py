@@ -10,7 +10,7 @@ CPU pipeline; cuda: torchvision nvJPEG, dali mixed, cvcuda, and cpu with upload)
 timed run ends with a synchronize, so the figures include all device work. The issue's GPU target
 is printed: the best GPU backend at least 10x the stock CPU path per worker on 1080p JPEGs.
 
-    python benchmarks/preprocess.py [--device cpu|cuda] [--backends ...] [--sizes 1080p 4k]
+    python -m benchmarks.preprocess [--device cpu|cuda] [--backends ...] [--sizes 1080p 4k]
                                     [--batches 1 8 32 64] [--threads 1]
 """
 
@@ -21,16 +21,12 @@ import io
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts import samples  # noqa: E402
-from handlers.artifacts import cpu_model_name  # noqa: E402
-from handlers.preprocess import _BACKEND_MODULES, PreprocessSpec, backend_module  # noqa: E402
+from archiver_scripts import samples
+from handlers.artifacts import cpu_model_name
+from handlers.preprocess import BACKEND_NAMES, PreprocessSpec, backend_module
 
 SIZES = {"1080p": (1920, 1080), "4k": (3840, 2160)}
 
@@ -72,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    names = args.backends or list(_BACKEND_MODULES)
+    names = args.backends or list(BACKEND_NAMES)
     backends = {"stock PIL+torchvision (cpu)": stock_path}
     skipped = {}
     for name in names:

@@ -9,7 +9,7 @@ nvJPEG / DALI / CV-CUDA allocations outside torch) after warm-up and every `--ev
 Prints the samples and the growth from the first sample after warm-up to the last; exits 1 when
 growth exceeds `--max-growth` percent (default 5).
 
-    python benchmarks/preprocess_memory.py --backend dali [--device cuda] [--requests 10000]
+    python -m benchmarks.preprocess_memory --backend dali [--device cuda] [--requests 10000]
 """
 
 from __future__ import annotations
@@ -25,11 +25,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts import samples  # noqa: E402
-from handlers.preprocess import PreprocessSpec, create_preprocessor  # noqa: E402
+from archiver_scripts import samples
+from handlers.preprocess import PreprocessSpec, create_preprocessor
 
 
 def rss_mib() -> float:

@@ -2,10 +2,10 @@
 
 One tiny model with 2 workers, `--clients` connections sending continuously, `--cycles` times a
 scale-down 2 -> 1 and back up 1 -> 2 through the management API (synchronous). Prints the status
-counts and the body of every non-200 answer. Measured 2026-11-24 on the 2-CPU host (15 cycles, 4
-clients): 12,874 x 200 and 3 x 500 "Worker died." (docs/autoscaling.md, Robustness).
+counts and the body of every non-200 answer. Results, with machine and date: docs/autoscaling.md
+(Robustness).
 
-    python benchmarks/scale_down_race.py [--cycles 15] [--clients 4]
+    python -m benchmarks.scale_down_race [--cycles 15] [--clients 4]
 """
 
 from __future__ import annotations
@@ -13,19 +13,15 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts.samples import encode, mosaic  # noqa: E402
-from archiver_scripts.server import TorchServe  # noqa: E402
-from tests import models  # noqa: E402
+from archiver_scripts.samples import encode, mosaic
+from archiver_scripts.server import TorchServe
+from tests import models
 
 
 def main(argv: list[str] | None = None) -> int:

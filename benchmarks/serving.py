@@ -5,7 +5,7 @@ maxBatchDelay 10 ms), a real stock torchserve on loopback, a closed-loop client.
 runs twice (default threading and OMP_NUM_THREADS=1) and our handler is compared with the better of
 the two. Prints QPS, p50, p99, errors, server CPU per request, and the ratios.
 
-    python benchmarks/serving.py [--duration 30] [--concurrency 32] [--json results.json]
+    python -m benchmarks.serving [--duration 30] [--concurrency 32] [--json results.json]
 
 Needs captum for the stock handler (TorchServe's vision handler imports it): `make bench` installs it.
 """
@@ -23,33 +23,16 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts import samples  # noqa: E402
-from archiver_scripts.archive import build_archive  # noqa: E402
-from archiver_scripts.profile import tree_cpu_seconds  # noqa: E402
-from archiver_scripts.server import TorchServe  # noqa: E402
-from benchmarks.loadgen import run_load  # noqa: E402
-
-BATCH_SIZE, WORKERS, BATCH_DELAY_MS = 8, 2, 10
-
-
-def make_model(workdir: Path) -> tuple[Path, Path]:
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v3_small(num_classes=1000).eval()  # random weights: speed only
-    path = workdir / "mobilenet_v3_small.pt"
-    torch.jit.save(torch.jit.script(model), str(path))
-    labels = workdir / "index_to_name.json"
-    labels.write_text(json.dumps({str(i): f"class_{i}" for i in range(1000)}))
-    return path, labels
-
-
-def make_images(count: int, quality: int) -> list[bytes]:
-    return [samples.encode(samples.mosaic(1920, 1080, offset=i), "JPEG", quality=quality) for i in range(count)]
+from archiver_scripts.archive import build_archive
+from benchmarks.common import (
+    BATCH_DELAY_MS,
+    BATCH_SIZE,
+    WORKERS,
+    add_workload_arguments,
+    make_images,
+    make_model,
+    measure,
+)
 
 
 def build_stock_archive(model: Path, labels: Path, store: Path) -> None:
@@ -67,49 +50,6 @@ def build_stock_archive(model: Path, labels: Path, store: Path) -> None:
         extra_files=str(labels), export_path=str(store), force=True, config_file=str(config_file),
     )
     package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
-
-
-def server_cpu_seconds(server: TorchServe) -> float:
-    try:
-        return tree_cpu_seconds(psutil.Process(server.process.pid))
-    except psutil.Error:
-        return 0.0
-
-
-def measure(label: str, model: str, store: Path, workdir: Path, images: list[bytes], env: dict[str, str], args) -> dict:
-    print(f"\n[{label}] starting torchserve ({', '.join(f'{k}={v}' for k, v in env.items()) or 'default env'}) ...", flush=True)
-    server = TorchServe(store, models=[f"{model}.mar"], workdir=workdir / label, env=env)
-    with server:
-        server.wait_ready([model], timeout=300)
-        url = f"{server.inference_url}/predictions/{model}"
-        cpu_before = server_cpu_seconds(server)
-        started = time.perf_counter()
-        result = run_load(url, images, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup)
-        wall = time.perf_counter() - started
-        cpu = server_cpu_seconds(server) - cpu_before
-    row = {
-        "label": label,
-        "qps": round(result.qps, 1),
-        "p50_ms": round(result.p50, 1),
-        "p99_ms": round(result.p99, 1),
-        "requests": result.requests,
-        "errors": result.errors,
-        "statuses": {str(k): v for k, v in sorted(result.statuses.items())},
-        # CPU the whole server (frontend + workers) spent per request, warm-up included in both terms
-        "server_cpu_ms_per_request": round(cpu * 1000 / max(1, result.requests * wall / args.duration), 2),
-    }
-    print(f"[{label}] {row['qps']} QPS, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
-          f"{row['errors']} errors, statuses {row['statuses']}", flush=True)
-    return row
-
-
-def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    """The load this benchmark (and benchmarks/serving_pipeline.py, on the same archive) applies."""
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
-    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each measurement")
-    parser.add_argument("--concurrency", type=int, default=32, help="client connections")
-    parser.add_argument("--images", type=int, default=16, help="distinct 1080p JPEGs, sent round-robin")
-    parser.add_argument("--quality", type=int, default=85, help="JPEG quality of the test images")
 
 
 def main(argv: list[str] | None = None) -> int:

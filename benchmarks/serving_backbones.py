@@ -6,7 +6,7 @@ Every variant is built by `tsgpu compile` from the same weights (random: speed o
 1080p JPEGs go through the same CPU preprocessing, so the backbone is the only difference. Prints
 QPS, p50, p99, errors and server CPU per request for each, and QPS relative to eager fp32.
 
-    python benchmarks/serving_backbones.py [--duration 30] [--variants eager aoti aoti:bf16+cl]
+    python -m benchmarks.serving_backbones [--duration 30] [--variants eager aoti aoti:bf16+cl]
 
 A variant is BACKEND[:PRECISION][+cl][+static][+v3], as in benchmarks/backbones.py. bf16 variants
 are skipped, with the reason, on CPUs where oneDNN only emulates bf16.
@@ -22,14 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts.archive import build_archive  # noqa: E402
-from archiver_scripts.compile import CompileOptions, compile_model  # noqa: E402
-from handlers.artifacts import cpu_model_name, native_cpu_precision  # noqa: E402
-from benchmarks.backbones import Variant, parse_variant  # noqa: E402
-from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, WORKERS, make_images, measure  # noqa: E402
+from archiver_scripts.archive import build_archive
+from archiver_scripts.compile import CompileOptions, compile_model
+from benchmarks.common import BATCH_DELAY_MS, BATCH_SIZE, WORKERS, Variant, make_images, measure, parse_variant
+from handlers.artifacts import cpu_model_name, native_cpu_precision
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,11 @@
 """One pipelined worker vs two plain ones: QPS, latency and the workers' memory, through torchserve.
 
 The archive of benchmarks/serving.py (TorchScript MobileNetV3-small with random weights, 1080p JPEGs,
-batchSize 8, maxBatchDelay 10 ms; its helpers are imported, not copied) served by a real stock
+batchSize 8, maxBatchDelay 10 ms; built by the shared helpers in benchmarks/common.py) served by a real stock
 `torchserve` on loopback in three configurations, one after another:
 
-    (a) 2 workers, today's path (no micro-batches, decode threads)
-    (b) 1 worker,  today's path
+    (a) 2 workers, the plain path (no micro-batches, decode threads)
+    (b) 1 worker,  the plain path
     (c) 1 worker,  handler.pipeline.micro_batch M and handler.pipeline.decode_processes D
 
 Each gets the same closed-loop load (benchmarks/loadgen.py). While the load is measured, a sampler
@@ -25,7 +25,7 @@ Handler threads are left to the handler (`handler.threads` unset): it gives each
 the host's CPUs (CPUs / minWorkers) and, with the pipeline on, splits that share between torch and
 decoding (handlers/pipeline.py plan_threads).
 
-    python benchmarks/serving_pipeline.py [--duration 30] [--micro-batch 4] [--decode-processes 2] [--json out.json]
+    python -m benchmarks.serving_pipeline [--duration 30] [--micro-batch 4] [--decode-processes 2] [--json out.json]
 
 `--micro-batch 2,4` runs (c) once per value and takes the fastest for the ratios (every row is printed;
 choose with `--only c --micro-batch 2,4,8`, then measure the chosen value on its own). `--c-config
@@ -53,14 +53,11 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts.archive import build_archive  # noqa: E402
-from archiver_scripts.profile import tree_cpu_seconds  # noqa: E402
-from archiver_scripts.server import TorchServe  # noqa: E402
-from benchmarks.loadgen import run_load  # noqa: E402
-from benchmarks.serving import BATCH_DELAY_MS, BATCH_SIZE, add_workload_arguments, make_images, make_model  # noqa: E402
+from archiver_scripts.archive import build_archive
+from archiver_scripts.cpu_time import tree_cpu_seconds
+from archiver_scripts.server import TorchServe
+from benchmarks.common import BATCH_DELAY_MS, BATCH_SIZE, add_workload_arguments, make_images, make_model
+from benchmarks.loadgen import run_load
 
 STAGE_GAUGES = ("DecodeTime", "ForwardTime", "PostprocessTime", "HandlerTime", "DeviceIdleTime", "StageOverlap")
 QPS_TARGET, RSS_TARGET = 0.9, 0.6  # (c)/(a): at least 0.9x the QPS at no more than 0.6x the worker RSS

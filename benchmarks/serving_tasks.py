@@ -14,7 +14,7 @@ Each configuration gets its own stock torchserve on loopback (2 workers, batchSi
 maxBatchDelay 10 ms, OMP_NUM_THREADS=1, the best stock setting measured for the classifier) and a
 closed-loop client. Prints QPS, p50, p99, statuses, response bytes per image, and the ratios.
 
-    python benchmarks/serving_tasks.py [--duration 20] [--concurrency 16] [--tasks detection segmentation]
+    python -m benchmarks.serving_tasks [--duration 20] [--concurrency 16] [--tasks detection segmentation]
 
 Needs captum for the stock handlers (TorchServe's vision handler imports it): `make bench` installs it.
 """
@@ -32,13 +32,10 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts import samples  # noqa: E402
-from archiver_scripts.archive import build_archive  # noqa: E402
-from archiver_scripts.server import TorchServe  # noqa: E402
-from benchmarks.serving import measure  # noqa: E402
+from archiver_scripts import samples
+from archiver_scripts.archive import build_archive
+from archiver_scripts.server import TorchServe
+from benchmarks.common import measure
 
 BATCH_SIZE, WORKERS, BATCH_DELAY_MS = 8, 2, 10
 SIZES = [(1920, 1080), (1080, 1920), (1600, 1200), (1280, 720), (1920, 1080), (1440, 1080), (1080, 1350), (1920, 1200)]

@@ -5,7 +5,7 @@ the workers' RSS after warm-up and at the end. Targets: no 5xx, no restart, RSS 
 URL inputs are served by a local HTTP server on 127.0.0.1, which the archive's handler config
 explicitly allows (`handler.url.allowed_networks: [127.0.0.1/32]`); nothing leaves the host.
 
-    python benchmarks/soak.py [--duration 600] [--concurrency 8] [--json out.json]
+    python -m benchmarks.soak [--duration 600] [--concurrency 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -20,49 +20,13 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from archiver_scripts import samples  # noqa: E402
-from archiver_scripts.archive import build_archive  # noqa: E402
-from archiver_scripts.server import TorchServe  # noqa: E402
-
-
-def image_server(images: dict[str, bytes]) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            body = images.get(self.path.lstrip("/"))
-            if body is None:
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html" if self.path.endswith(".html") else "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def make_images() -> list[bytes]:
-    """Good images of several sizes: the bundled photos and 720p-4K mosaics."""
-    photos = [samples.encode(arr, "JPEG", quality=88) for arr in samples.photos().values()]
-    big = [samples.encode(samples.mosaic(w, h, offset=i), "JPEG", quality=85)
-           for i, (w, h) in enumerate([(1920, 1080), (1280, 720), (3840, 2160), (800, 1200)])]
-    return photos + big
+from archiver_scripts.archive import build_archive
+from archiver_scripts.server import TorchServe
+from benchmarks.common import image_server, soak_images
 
 
 def make_mix(origin: str, good: list[bytes], rng: random.Random) -> list[tuple[str, bytes, str]]:
@@ -157,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         program = torch.export.export(model, (torch.randn(2, 3, 224, 224),),
                                       dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=16)}})
         torch.export.save(program, str(work / "mnv3.pt2"))
-        good = make_images()
+        good = soak_images()
         origin_server = image_server({f"img{i}.jpg": d for i, d in enumerate(good)} | {"page.html": b"<html></html>"})
         origin = f"http://127.0.0.1:{origin_server.server_address[1]}"
         mix = make_mix(origin, good, rng)

@@ -32,10 +32,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handlers.errors import RequestError  # noqa: E402
-from handlers.preprocess import PreprocessSpec, backend_module, _BACKEND_MODULES  # noqa: E402
-
 import torch  # noqa: E402
+
+from handlers.errors import RequestError  # noqa: E402
+from handlers.preprocess import BACKEND_NAMES, PreprocessSpec, backend_module  # noqa: E402
 
 
 def seeds() -> list[bytes]:
@@ -117,7 +117,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 
 def available_backends(device: torch.device) -> dict:
     out = {}
-    for name in _BACKEND_MODULES:
+    for name in BACKEND_NAMES:
         module = backend_module(name)
         if module.availability(device) is None:
             out[name] = module.create(PreprocessSpec(max_image_pixels=20_000_000, device=device), threads=1)

@@ -216,11 +216,11 @@ def refusal(info: ArtifactInfo, device: torch.device, versions: dict[str, str | 
     built_versions = meta.get("versions", {})
     needed = {"aoti": ("torch",), "tensorrt": ("torch", "torch_tensorrt", "tensorrt")}.get(backend, ())
     for lib in needed:
-        have, want = versions.get(lib), built_versions.get(lib)
+        ours, want = versions.get(lib), built_versions.get(lib)
         if lib == "torch":
-            have, want = _minor(have), _minor(want)
-        if have != want:
-            return f"built with {lib} {want}, this host has {have or 'none'}"
+            ours, want = _minor(ours), _minor(want)
+        if ours != want:
+            return f"built with {lib} {want}, this host has {ours or 'none'}"
     return None
 
 

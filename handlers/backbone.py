@@ -156,8 +156,9 @@ def load_backbone(model_dir: Path, model_file: str, cfg: ModelConfig, device: to
         spec = info.meta.get("input", {})
         backbone.info = info
         backbone.dtype = _DTYPE_OF.get(spec.get("dtype", "float32"), backbone.dtype)
-        if backbone.format == "eager" and _param_dtype(backbone.module) != backbone.dtype:
-            backbone.module.to(backbone.dtype)  # an eager artifact keeps fp32 weights; run it as compiled
+        module = backbone.module
+        if backbone.format == "eager" and isinstance(module, torch.nn.Module) and _param_dtype(module) != backbone.dtype:
+            module.to(backbone.dtype)  # an eager artifact keeps fp32 weights; run it as compiled
         backbone.channels_last = bool(spec.get("channels_last", backbone.channels_last))
     logger.info("loaded %s in %.1fs", backbone.describe(), time.perf_counter() - started)
     return backbone

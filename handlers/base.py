@@ -19,11 +19,11 @@ import json
 import logging
 import sys
 import time
-from http import HTTPStatus
 from collections.abc import Mapping
+from http import HTTPStatus
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from types import FrameType, MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +32,7 @@ from .config import HandlerConfig, load_handler_config, with_task_defaults
 from .errors import ConfigError, ModelLoadError, RequestError
 from .inputs import UrlInput, parameter_content_types, read_image_bytes
 from .pipeline import Pipeline, plan_threads
-from .preprocess import Geometry, PreprocessSpec, Preprocessor, create_preprocessor
+from .preprocess import Geometry, Preprocessor, PreprocessSpec, create_preprocessor
 from .runtime import HeapReport, MemoryTrimmer, apply_torch_threads, cpu_threads_per_worker, select_device
 from .sequence import RequestStages
 from .stages import FORWARD, POSTPROCESS, StageClock, StageTimer
@@ -49,7 +49,11 @@ def _import_torchserve_base() -> type:
     return BaseHandler
 
 
-BaseHandler = _import_torchserve_base()
+if TYPE_CHECKING:
+    from ts.context import Context
+    from ts.torch_handler.base_handler import BaseHandler
+else:
+    BaseHandler = _import_torchserve_base()
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
@@ -82,7 +86,7 @@ class VisionHandler(BaseHandler):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def initialize(self, context: Any) -> None:
+    def initialize(self, context: Context) -> None:
         """Load config, pick the device, load + warm the model. Raises with a clear message on misconfiguration."""
         started = time.perf_counter()
         self._read_context(context)
@@ -102,7 +106,7 @@ class VisionHandler(BaseHandler):
         self.initialized = True
         self._log_ready(threads, decode_threads, time.perf_counter() - started)
 
-    def _read_context(self, context: Any) -> None:
+    def _read_context(self, context: Context) -> None:
         self.context = context
         self.manifest = context.manifest or {}
         properties = context.system_properties
@@ -179,7 +183,7 @@ class VisionHandler(BaseHandler):
         """A compiled artifact records its input [3, H, W]: refuse a preprocess that makes another."""
         info = self.backbone.info if self.backbone is not None else None
         shape = (info.meta.get("input", {}).get("shape") if info is not None else None) or []
-        if len(shape) == 3 and tuple(shape[1:]) != tuple(spec.size):
+        if info is not None and len(shape) == 3 and tuple(shape[1:]) != tuple(spec.size):
             h, w = shape[1:]
             raise ModelLoadError(
                 f"{info.file} was compiled for {h}x{w} inputs (height x width) but the preprocess "
@@ -213,10 +217,11 @@ class VisionHandler(BaseHandler):
         # One tiny real image through the whole path first: decoders load their plugins and any
         # mismatch between preprocess output and model input fails the load, not a request.
         probe = self.preprocessor.run([_probe_jpeg()])
-        if probe.tensor is None:
+        geometry = probe.geometry[0]
+        if probe.tensor is None or geometry is None:
             raise RuntimeError(f"warm-up: the preprocess backend failed on a valid JPEG: {probe.errors[0]}")
         with torch.inference_mode():
-            self.run_postprocess(self.forward(probe.tensor), [probe.geometry[0]])
+            self.run_postprocess(self.forward(probe.tensor), [geometry])
         # The pipeline's micro-batches are batch sizes the model sees too (a compiled artifact may
         # specialise or pad per size): warm them up before the first request does.
         sizes = sorted({1, self.batch_size, min(self.config.pipeline.micro_batch or 1, self.batch_size)})
@@ -225,7 +230,7 @@ class VisionHandler(BaseHandler):
 
     # -- the request sequence (do not override) --------------------------------------------------
 
-    def handle(self, data: list[Any], context: Any) -> list[str]:
+    def handle(self, data: list[Any], context: Context) -> list[str]:
         timer = self.stage_clock.begin(len(data))
         self.context = context
         if self._pipeline is not None and len(data) > self._pipeline.micro_batch:
@@ -299,7 +304,7 @@ class VisionHandler(BaseHandler):
     # -- helpers ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _respond(idx: int, result: Any, error: RequestError | None, context: Any) -> str:
+    def _respond(idx: int, result: Any, error: RequestError | None, context: Context) -> str:
         if error is not None:
             context.set_response_status(error.code, HTTPStatus(error.code).phrase, idx)
             body = error.to_response()
@@ -309,13 +314,13 @@ class VisionHandler(BaseHandler):
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
     @staticmethod
-    def _respond_enveloped(results: list[Any], errors: list[RequestError | None], context: Any) -> list[Any]:
+    def _respond_enveloped(results: list[Any], errors: list[RequestError | None], context: Context) -> list[Any]:
         """Under a TorchServe request envelope (service_envelope=kserve / kservev2) the items are the
         instances of ONE request, and the envelope wraps the list we return into its one response
         (`{"predictions": [...]}`) and serialises it. So: plain objects (no JSON text, which would be
         encoded twice), errors kept per instance in their own `{"code", "type", "message"}` body, and
         the request's HTTP status set only when every instance failed with the same code."""
-        bodies = [e.to_response() if e is not None else r for r, e in zip(results, errors)]
+        bodies = [e.to_response() if e is not None else r for r, e in zip(results, errors, strict=True)]
         codes = {e.code for e in errors if e is not None}
         if errors and all(e is not None for e in errors) and len(codes) == 1:
             code = codes.pop()
@@ -323,7 +328,7 @@ class VisionHandler(BaseHandler):
         return bodies
 
     def _report(
-        self, context: Any, timer: StageTimer, errors: list[RequestError | None], fallbacks: int = 0,
+        self, context: Context, timer: StageTimer, errors: list[RequestError | None], fallbacks: int = 0,
     ) -> None:
         """Stage times (handlers/stages.py), counters and HandlerTime; one debug line per batch."""
         metrics = getattr(context, "metrics", None)
@@ -366,9 +371,9 @@ def _called_by_envelope(max_depth: int = 6) -> bool:
     the context says so, so the callers' frames are asked (a few levels: a subclass or a
     module-level `handle` may sit between the envelope and us)."""
     envelopes = _kserve_envelopes()
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(max_depth):
-        frame = frame.f_back
+        frame = frame.f_back if frame is not None else None
         if frame is None:
             return False
         if isinstance(frame.f_locals.get("self"), envelopes):

@@ -24,11 +24,12 @@ import yaml
 
 from .errors import ConfigError
 from .fetch import UrlConfig
+from .preprocess.registry import BACKEND_CHOICES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-PREPROCESS_BACKENDS = ("auto", "cpu", "torchvision", "dali", "cvcuda")
+PREPROCESS_BACKENDS = BACKEND_CHOICES  # the preprocess registry's names (handlers/preprocess/registry.py)
 MODEL_FORMATS = ("auto", "torchscript", "exported_program", "aoti", "eager")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -312,7 +313,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, path)
     if hint is ImageSize:
         return _image_size(value, path)

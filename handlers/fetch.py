@@ -32,8 +32,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from .errors import ConfigError, Forbidden, InvalidInput, PayloadTooLarge, RequestError, RequestTimeout
-from .errors import UnsupportedMediaType, UpstreamTimeout
+from .errors import (
+    ConfigError,
+    Forbidden,
+    InvalidInput,
+    PayloadTooLarge,
+    RequestError,
+    RequestTimeout,
+    UnsupportedMediaType,
+    UpstreamTimeout,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -89,7 +97,7 @@ def resolve(host: str, port: int) -> list[IPAddress]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InvalidInput(f"cannot resolve host {host!r}: {exc.strerror or exc}") from None
-    return list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
+    return list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
 
 
 def refusal_reason(address: IPAddress, cfg: UrlConfig) -> str | None:
@@ -128,7 +136,7 @@ def fetch_url(url: str, cfg: UrlConfig) -> bytes:
     """Download one image URL under `cfg`'s rules; raises a RequestError for that item."""
     deadline = time.monotonic() + cfg.total_timeout
     current = url
-    for hop in range(cfg.max_redirects + 1):
+    for _hop in range(cfg.max_redirects + 1):
         status, headers, body = _request(current, cfg, deadline)
         if status in _REDIRECTS:
             location = headers.get("location")
@@ -252,11 +260,12 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, address: IPAddress, timeout: float, context: ssl.SSLContext) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._address = str(address)
+        self._ssl_context = context
 
     def connect(self) -> None:
         raw = socket.create_connection((self._address, self.port), self.timeout)
         try:
-            self.sock = self._context.wrap_socket(raw, server_hostname=self.host)
+            self.sock = self._ssl_context.wrap_socket(raw, server_hostname=self.host)
         except BaseException:
             raw.close()
             raise
@@ -278,7 +287,8 @@ def _check_headers(url: str, headers: dict[str, str], cfg: UrlConfig) -> None:
 
 
 def _read_body(response: http.client.HTTPResponse, sock: socket.socket, url: str, cfg: UrlConfig, deadline: float) -> bytes:
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         sock.settimeout(_remaining(deadline, cfg.read_timeout, url))
         try:

@@ -21,11 +21,14 @@ import binascii
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import InputConfig
 from .errors import InvalidInput, PayloadTooLarge
 from .fetch import UrlConfig
+
+if TYPE_CHECKING:
+    from ts.context import Context
 
 URL_KEY = "url"
 
@@ -61,7 +64,7 @@ def read_image_bytes(
     return data
 
 
-def parameter_content_types(context: Any, idx: int) -> dict[str, str]:
+def parameter_content_types(context: Context, idx: int) -> dict[str, str]:
     """Per-parameter content types TorchServe recorded for request `idx` ({} if unknown)."""
     try:
         headers = context.get_all_request_header(idx) or {}

@@ -40,13 +40,18 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
+from .preprocess import Geometry
 from .sequence import Outcome, Produced, RequestStages
 from .stages import StageTimer
+
+#: What the producer hands the consumer: a decoded micro-batch, the exception that stopped it, or
+#: None after the last micro-batch.
+_Handoff = queue.Queue[Produced | BaseException | None]
 
 _QUEUE_POLL_S = 0.05  # how often a blocked stage checks whether the batch was abandoned
 
@@ -102,10 +107,10 @@ class Pipeline:
         n = len(data)
         outcome = Outcome.empty(n)
         chunks = [(start, min(n, start + self.micro_batch)) for start in range(0, n, self.micro_batch)]
-        handoff: queue.Queue[Produced | BaseException | None] = queue.Queue(maxsize=1)
+        handoff: _Handoff = queue.Queue(maxsize=1)
         abandoned = threading.Event()
         producing = self._producer.submit(self._produce, data, chunks, timer, handoff, abandoned)
-        pending: list[tuple[Produced, Future | None]] = []
+        pending: list[tuple[Produced, Future[list[Any]] | None]] = []
         try:
             while True:
                 item = self._take(handoff, producing)
@@ -129,7 +134,7 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------------------
 
     def _produce(self, data: list[Any], chunks: list[tuple[int, int]], timer: StageTimer,
-                 handoff: queue.Queue, abandoned: threading.Event) -> None:
+                 handoff: _Handoff, abandoned: threading.Event) -> None:
         try:
             # Every row is read first, so the batch's URL items download concurrently (as on the plain
             # path): fetching per micro-batch would add up one fetch timeout per micro-batch.
@@ -152,13 +157,14 @@ class Pipeline:
             except _Abandoned:
                 pass
 
-    def _run_forward(self, produced: Produced, timer: StageTimer) -> Future | None:
+    def _run_forward(self, produced: Produced, timer: StageTimer) -> Future[list[Any]] | None:
         if not produced.has_rows:
             return None
         assert produced.batch is not None and produced.batch.tensor is not None
         tensor = produced.batch.tensor
         forwarded = None
         if self._cuda:
+            assert produced.ready is not None
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(produced.ready)
             tensor.record_stream(compute)  # allocated on the upload stream, read on this one
@@ -167,14 +173,18 @@ class Pipeline:
         if self._cuda:
             forwarded = torch.cuda.Event()
             forwarded.record(compute)
+            post_stream = self._post_stream
+            assert post_stream is not None
             for t in _tensors(outputs):
                 if t.is_cuda:
-                    t.record_stream(self._post_stream)
+                    t.record_stream(post_stream)
         return self._post.submit(self._run_postprocess, outputs, produced.geometry(), forwarded, timer)
 
-    def _run_postprocess(self, outputs: Any, geometry: list[Any], forwarded: Any, timer: StageTimer) -> list[Any]:
+    def _run_postprocess(self, outputs: Any, geometry: list[Geometry], forwarded: torch.cuda.Event | None,
+                         timer: StageTimer) -> list[Any]:
         with self._on(self._post_stream):
             if forwarded is not None:
+                assert self._post_stream is not None
                 self._post_stream.wait_event(forwarded)
             with torch.inference_mode():
                 return self.stages.postprocess(outputs, geometry, timer)
@@ -182,7 +192,7 @@ class Pipeline:
     # -- plumbing --------------------------------------------------------------------------------
 
     @staticmethod
-    def _take(handoff: queue.Queue, producing: Future) -> Any:
+    def _take(handoff: _Handoff, producing: Future[None]) -> Produced | BaseException | None:
         while True:
             try:
                 return handoff.get(timeout=_QUEUE_POLL_S)
@@ -194,7 +204,7 @@ class Pipeline:
                     raise RuntimeError("the pipeline's producer stopped early") from exc
 
     @staticmethod
-    def _put(handoff: queue.Queue, item: Any, abandoned: threading.Event) -> None:
+    def _put(handoff: _Handoff, item: Produced | BaseException | None, abandoned: threading.Event) -> None:
         while True:
             if abandoned.is_set():
                 raise _Abandoned
@@ -205,7 +215,7 @@ class Pipeline:
                 continue
 
     @staticmethod
-    def _on(stream: Any) -> Any:
+    def _on(stream: torch.cuda.Stream | None) -> AbstractContextManager[object]:
         return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 

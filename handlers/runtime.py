@@ -14,11 +14,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import tracemalloc
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ class MemoryTrimmer:
         return True
 
 
-def _malloc_trim():
+def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if not name:
         return None
@@ -128,7 +131,7 @@ class HeapReport:
         self.path = os.environ.get("TSGPU_HEAP_REPORT")
         self.interval = interval
         self._last = time.monotonic()
-        self._baseline = None
+        self._baseline: tracemalloc.Snapshot | None = None
 
     def maybe_report(self) -> None:
         if not self.path or time.monotonic() - self._last < self.interval:

@@ -17,7 +17,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -51,7 +51,9 @@ class Produced:
     def geometry(self) -> list[Geometry]:
         """The geometry of each decoded row, in the order of the model's batch."""
         assert self.batch is not None
-        return [self.batch.geometry[r] for r in self.batch.rows]
+        geometry = [self.batch.geometry[r] for r in self.batch.rows]
+        assert all(g is not None for g in geometry)  # a decoded row always has its geometry
+        return cast("list[Geometry]", geometry)
 
 
 @dataclass
@@ -75,9 +77,9 @@ class Outcome:
         batch = produced.batch
         if batch is None:
             return
-        for k, err in enumerate(batch.errors):
-            if err is not None:
-                self.errors[produced.owners[k]] = err
+        for k, error in enumerate(batch.errors):
+            if error is not None:
+                self.errors[produced.owners[k]] = error
         for r, result in zip(batch.rows, item_results or [], strict=True):
             if isinstance(result, RequestError):
                 self.errors[produced.owners[r]] = result
@@ -109,7 +111,7 @@ class RequestStages:
     def __init__(self, handler: VisionHandler) -> None:
         # A weak reference back: the handler owns its stages, and a cycle between them would outlive
         # the handler (initialize's gc.freeze never collects it), its thread pools included.
-        self.handler: VisionHandler = weakref.proxy(handler)
+        self.handler = cast("VisionHandler", weakref.proxy(handler))
         self._fetch_pool: ThreadPoolExecutor | None = None
 
     def read(self, data: list[Any], timer: StageTimer) -> list[bytes | RequestError]:

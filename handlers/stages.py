@@ -8,7 +8,7 @@ handler emits as TorchServe metrics (ms, like HandlerTime) and one debug log lin
     FetchTime        downloading the batch's URL items (only batches with URLs)
     DecodeTime       the preprocess backend's run(): decode + resize + normalise, and on a GPU the
                      host->device copy and the GPU decode kernels it issues (= PreprocessTime)
-    UploadTime       host->device copy on its own; not measured by today's handler (see below)
+    UploadTime       host->device copy on its own; not measured on the plain path (see below)
     ForwardTime      the backbone's forward: host wall on a CPU; on CUDA the device time between
                      two CUDA events recorded around it, read without a synchronize
     PostprocessTime  task postprocess (outputs -> per-item results), host wall
@@ -18,7 +18,7 @@ handler emits as TorchServe metrics (ms, like HandlerTime) and one debug log lin
 UploadTime: the cpu backend issues its pinned host->device copy inside `run()`, asynchronously, and
 the GPU backends decode straight into device memory. Timing the copy on the device needs a CUDA event
 recorded *before* the copy on the same stream, inside the backend; from outside `run()` the only
-device-side measurement would span the CPU decode too. So today the copy's host cost (a few
+device-side measurement would span the CPU decode too. So on the plain path the copy's host cost (a few
 microseconds to issue) is inside DecodeTime and its device time inside the next event span
 (ForwardTime starts once the copy has finished, because the forward waits for it in-stream).
 UploadTime is emitted only when a stage records it (a pipelined path that uploads on its own stream).
@@ -35,7 +35,7 @@ CPU, the host wall time between the end of the previous `handle` and the start o
 the worker spent outside the handler: waiting for the frontend's next batch, IPC, response writes).
 
 StageOverlap = max(0, 1 - wall / sum of the stages' host times): 0 when stages run one after the
-other (today: wall >= their sum), > 0 once a pipeline runs them concurrently (their sum then
+other (the plain path: wall >= their sum), > 0 when a pipeline runs them concurrently (their sum then
 exceeds the wall). Timers are thread-safe and add up repeated stages, so a pipeline that times each
 micro-batch's stages on its own threads reports through the same object.
 """
@@ -49,9 +49,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ts.metrics.metric_cache_abstract import MetricCacheAbstract
+    from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +111,23 @@ class StageTimer:
         return self.clock() - self.started
 
 
+class TimingEvent(Protocol):
+    """What the stage clock uses of a `torch.cuda.Event(enable_timing=True)` (tests pass fakes)."""
+
+    def record(self, stream: torch.cuda.Stream | None = None) -> None: ...
+
+    def query(self) -> bool: ...
+
+    def elapsed_time(self, end_event: Self) -> float: ...
+
+
 @dataclass
 class _DeviceSpan:
     """CUDA events around one batch's forward, and the previous forward's end event (for idle)."""
 
-    start: Any
-    end: Any
-    previous_end: Any | None
+    start: TimingEvent
+    end: TimingEvent
+    previous_end: TimingEvent | None
 
 
 @dataclass
@@ -127,7 +141,7 @@ class StageReport:
     overlap: float = 0.0
     device_timed: bool = False
 
-    def emit(self, metrics: Any) -> None:
+    def emit(self, metrics: MetricCacheAbstract) -> None:
         """Each stage time (plus its older alias) as `add_time(ms)`, idle as time, overlap as percent."""
         for name, ms in self.times_ms.items():
             metrics.add_time(name, ms, None, "ms")
@@ -147,7 +161,7 @@ class StageReport:
                 f"overlap={self.overlap * 100:.0f}% wall={fmt(self.wall_ms)}{device}")
 
 
-def _cuda_event() -> Any:
+def _cuda_event() -> TimingEvent:
     return torch.cuda.Event(enable_timing=True)
 
 
@@ -155,12 +169,12 @@ class StageClock:
     """Lives as long as the handler: hands out per-batch timers and keeps what spans batches
     (the previous batch's end for DeviceIdleTime, CUDA events not yet complete)."""
 
-    def __init__(self, clock: Clock = time.perf_counter, event_factory: Callable[[], Any] = _cuda_event) -> None:
+    def __init__(self, clock: Clock = time.perf_counter, event_factory: Callable[[], TimingEvent] = _cuda_event) -> None:
         self.clock = clock
         self._event_factory = event_factory
         self._last_end: float | None = None
         self._pending: deque[_DeviceSpan] = deque(maxlen=_MAX_PENDING)
-        self._previous_end: Any | None = None
+        self._previous_end: TimingEvent | None = None
 
     def begin(self, items: int = 0) -> StageTimer:
         timer = StageTimer(self.clock, items)
@@ -169,7 +183,8 @@ class StageClock:
         return timer
 
     @contextmanager
-    def forward(self, timer: StageTimer, device: torch.device, stream: Any = None) -> Iterator[None]:
+    def forward(self, timer: StageTimer, device: torch.device, stream: torch.cuda.Stream | None = None,
+                ) -> Iterator[None]:
         """Time the backbone's forward: host clock always (for InferenceTime and overlap); on CUDA
         also events on `stream` (default: the device's current stream) for the device time."""
         events = self._record_start(device, stream)
@@ -199,7 +214,8 @@ class StageClock:
 
     # -- CUDA events -----------------------------------------------------------------------------
 
-    def _record_start(self, device: torch.device, stream: Any) -> tuple[Any, Any] | None:
+    def _record_start(self, device: torch.device, stream: torch.cuda.Stream | None,
+                      ) -> tuple[TimingEvent, TimingEvent] | None:
         if device.type != "cuda":
             return None
         try:
@@ -210,7 +226,8 @@ class StageClock:
             logger.debug("could not record a CUDA start event", exc_info=True)
             return None
 
-    def _record_end(self, events: tuple[Any, Any], device: torch.device, stream: Any) -> None:
+    def _record_end(self, events: tuple[TimingEvent, TimingEvent], device: torch.device,
+                    stream: torch.cuda.Stream | None) -> None:
         start, end = events
         try:
             end.record(stream if stream is not None else torch.cuda.current_stream(device))

@@ -310,7 +310,7 @@ def _counts(frame: Any) -> dict[int, dict[str, int]]:
                            "postprocess_table dropped; keep it or set handler.table.counts: false")
     counts: dict[int, Counter[str]] = {}
     labels = frame["label"]
-    for item, label, missing in zip(frame["item"].tolist(), labels.tolist(), labels.isna().tolist()):
+    for item, label, missing in zip(frame["item"].tolist(), labels.tolist(), labels.isna().tolist(), strict=True):
         if not missing:
             counts.setdefault(int(item), Counter())[str(label)] += 1
     return {i: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for i, c in counts.items()}
@@ -364,13 +364,13 @@ def flatten(results: list[Any], kinds: list[str | None], specs: Mapping[str, Tab
     """The entries of every result's list as one pandas DataFrame (column `item` = position)."""
     pd = import_pandas()
     columns: dict[str, list[Any]] = {"item": []}
-    for kind in dict.fromkeys(filter(None, kinds)):  # a batch without entries still has the columns
-        for name in specs[kind].columns:
+    for present in dict.fromkeys(filter(None, kinds)):  # a batch without entries still has the columns
+        for name in specs[present].columns:
             columns.setdefault(name, [])
     n = 0
-    for item, (result, kind) in enumerate(zip(results, kinds)):
+    for item, (result, kind) in enumerate(zip(results, kinds, strict=True)):
         entries = result[kind] if kind else None
-        if not entries:
+        if not kind or not entries:
             continue
         columns["item"].extend([item] * len(entries))
         for name, values in _entry_columns(entries, kind, specs[kind].renames).items():
@@ -441,11 +441,13 @@ def regroup(results: list[Any], kinds: list[str | None], frame: Any,
         raise RuntimeError(f"postprocess_table returned rows for item(s) {bad}, which are not results "
                            f"of this batch; keep the 'item' column as it was")
     names = [c for c in frame.columns if c != "item"]
-    rows = list(zip(*(_values(frame[c]) for c in names))) if names else [()] * len(items)
+    rows = list(zip(*(_values(frame[c]) for c in names), strict=True)) if names else [()] * len(items)
     plans = {kind: _plan(names, kind, specs) for kind in set(filter(None, kinds))}
-    for item, row in zip(items, rows):
+    for item, row in zip(items, rows, strict=True):
+        kind = kinds[item]
+        assert kind is not None  # items with rows are items with entries (checked above)
         entries[item].append({key: [row[j] for j in cols] if key == "box" else row[cols[0]]
-                              for key, cols in plans[kinds[item]]})
+                              for key, cols in plans[kind]})
     out = list(results)
     for item, kind_entries in entries.items():
         result = dict(results[item])
@@ -481,4 +483,4 @@ def _values(series: Any) -> list[Any]:
         return values
     missing = series.isna().tolist()
     return [None if m else (v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v)
-            for v, m in zip(values, missing)]
+            for v, m in zip(values, missing, strict=True)]

@@ -36,21 +36,21 @@ class FakeMetrics:
     """Records metric calls; the subset of TorchServe's MetricsCache API handlers use."""
 
     calls: list[MetricCall] = field(default_factory=list)
-    request_ids: Any = None
+    request_ids: dict[int, str] | None = None
 
-    def add_time(self, name: str, value: float, idx: Any = None, unit: str = "ms", dimensions: Any = None, metric_type: Any = None) -> None:
+    def add_time(self, name: str, value: float, idx: int | None = None, unit: str = "ms", dimensions: list[Any] | None = None, metric_type: object = None) -> None:
         self.calls.append(MetricCall("time", name, value, unit))
 
-    def add_counter(self, name: str, value: float, idx: Any = None, dimensions: Any = None) -> None:
+    def add_counter(self, name: str, value: float, idx: int | None = None, dimensions: list[Any] | None = None) -> None:
         self.calls.append(MetricCall("counter", name, value, "count"))
 
-    def add_size(self, name: str, value: float, idx: Any = None, unit: str = "MB", dimensions: Any = None, metric_type: Any = None) -> None:
+    def add_size(self, name: str, value: float, idx: int | None = None, unit: str = "MB", dimensions: list[Any] | None = None, metric_type: object = None) -> None:
         self.calls.append(MetricCall("size", name, value, unit))
 
-    def add_percent(self, name: str, value: float, idx: Any = None, dimensions: Any = None, metric_type: Any = None) -> None:
+    def add_percent(self, name: str, value: float, idx: int | None = None, dimensions: list[Any] | None = None, metric_type: object = None) -> None:
         self.calls.append(MetricCall("percent", name, value, "percent"))
 
-    def add_metric(self, name: str, value: float, unit: str, idx: Any = None, dimensions: Any = None, metric_type: Any = None) -> None:
+    def add_metric(self, name: str, value: float, unit: str, idx: int | None = None, dimensions: list[Any] | None = None, metric_type: object = None) -> None:
         self.calls.append(MetricCall("metric", name, value, unit))
 
     def values(self, name: str) -> list[float]:

@@ -81,9 +81,9 @@ class MultiLabelTagger(VisionHandler):
         cfg = self.config.tagger
         scores, indices = torch.sigmoid(logits.float()).topk(min(cfg.max_tags, logits.shape[1]), dim=1)
         results = []
-        for row_scores, row_indices in zip(scores.cpu().tolist(), indices.cpu().tolist()):
+        for row_scores, row_indices in zip(scores.cpu().tolist(), indices.cpu().tolist(), strict=True):
             results.append({"tags": [
                 {"index": i, "label": self.labels.get(i, str(i)), "score": round(s, 6)}
-                for s, i in zip(row_scores, row_indices) if s >= cfg.threshold
+                for s, i in zip(row_scores, row_indices, strict=True) if s >= cfg.threshold
             ]})
         return results  # the table stage (handler.table) runs after this, on these results

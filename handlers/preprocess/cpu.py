@@ -1,9 +1,10 @@
 """CPU preprocess backend: Pillow decode, fused resize+crop, vectorised normalise.
 
-The fast path, per item (pillow_decode.py, torch-free): threads decode the items of a batch in
-parallel (Pillow releases the GIL), or with `processes` (handler.pipeline.decode_processes) a pool
-of decode processes does, writing into shared memory that becomes this backend's buffer
-(decode_pool.py):
+Also the CPU path of every other backend (accelerated.py falls back to it). Built from the CPU
+path's internals in host/. Per item (host/decode.py, torch-free): threads decode the items of a
+batch in parallel (Pillow releases the GIL), or with `processes` (handler.pipeline.decode_processes)
+a pool of decode processes does, writing into shared memory that becomes this backend's buffer
+(host/pool.py):
   1. open with an allow-list of formats; refuse oversized images from the header, before decoding;
   2. JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling) when the image is
      much larger than needed, keeping at least `draft_min_ratio` source pixels per output pixel;
@@ -23,16 +24,20 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import RequestError
-from . import Batch, Geometry, Normaliser, PreprocessSpec
-# The per-item decode lives in pillow_decode.py (torch-free, for decode processes); re-exported here.
-from .pillow_decode import ACCEPTED_FORMATS, DecodeSpec, decode_into, decode_spec, open_image, orientation  # noqa: F401
-from .pillow_decode import resample_filter
+from .contract import Batch, Normaliser, PreprocessSpec
+from .geometry import Geometry
+from .host.decode import decode_into, resample_filter
+from .host.upload import page_lock, page_unlock, upload
+
+if TYPE_CHECKING:
+    from .host.pool import DecodePool
 
 NAME = "cpu"
 logger = logging.getLogger(__name__)
@@ -49,7 +54,7 @@ def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeou
 
 class CpuPreprocessor:
     """Decodes and preprocesses a batch on CPU threads, or in `processes` decode processes
-    (decode_pool.py, handler.pipeline.decode_processes); output goes to `spec.device`."""
+    (host/pool.py, handler.pipeline.decode_processes); output goes to `spec.device`."""
 
     name = NAME
     fallback_items = 0  # the CPU path is no other backend's fallback
@@ -69,11 +74,11 @@ class CpuPreprocessor:
         self._pinned = spec.device.type == "cuda"
         self._uploaded: torch.cuda.Event | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._decoders = None
+        self._decoders: DecodePool | None = None
         if self.processes:
-            from .decode_pool import DecodePool
+            from .host.pool import DecodePool
 
-            self._decoders = DecodePool(decode_spec(spec), self.processes, spec.max_batch, decode_timeout_s)
+            self._decoders = DecodePool(spec.decode_spec(), self.processes, spec.max_batch, decode_timeout_s)
         elif self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
         # Process mode: `_buffer` wraps the pool's shared frames (`_frames`); on a GPU worker they
@@ -121,7 +126,9 @@ class CpuPreprocessor:
                 return err.detach()
 
         n = len(items)
-        return list(self._pool.map(work, range(n))) if self._pool and n > 1 else [work(i) for i in range(n)]
+        if self._pool is not None and n > 1:
+            return list(self._pool.map(work, range(n)))
+        return [work(i) for i in range(n)]
 
     def _wait_for_upload(self) -> None:
         """Block until the last upload has read the host buffer (before it is overwritten or freed)."""
@@ -148,7 +155,7 @@ class CpuPreprocessor:
         self._frames = frames
         self._buffer = torch.from_numpy(frames)
         if self._pinned:
-            self._registered = _page_lock(frames)
+            self._registered = page_lock(frames)
             if self._registered is None and self._staging is None:
                 logger.warning(
                     "cudaHostRegister failed on the decode processes' shared frames; uploads take "
@@ -167,7 +174,7 @@ class CpuPreprocessor:
 
     def _unregister(self) -> None:
         if self._registered is not None:
-            _page_unlock(self._registered)
+            page_unlock(self._registered)
             self._registered = None
 
     def _normalise(self, buffer: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -189,28 +196,3 @@ class CpuPreprocessor:
             nchw = nchw.contiguous()
         x = nchw.to(device=self.spec.device, dtype=self.spec.dtype)
         return self._normaliser(x)
-
-
-def _page_lock(frames: np.ndarray) -> int | None:
-    """cudaHostRegister the shared frames so uploads from them are async DMAs; their address, or
-    None when CUDA refuses. UNVERIFIED: written without a GPU (no test has run it on one)."""
-    try:
-        address = frames.ctypes.data
-        if int(torch.cuda.cudart().cudaHostRegister(address, frames.nbytes, 0)) == 0:
-            return address
-    except Exception as exc:  # no CUDA runtime binding, or a driver that refuses the mapping
-        logger.debug("cudaHostRegister failed: %s", exc)
-    return None
-
-
-def _page_unlock(address: int) -> None:
-    try:
-        torch.cuda.cudart().cudaHostUnregister(address)
-    except Exception as exc:
-        logger.debug("cudaHostUnregister failed: %s", exc)
-
-
-def upload(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Asynchronous host-to-device copy of a pinned, contiguous tensor (a DMA the caller must not
-    overwrite before the current stream has passed it)."""
-    return pinned.to(device, non_blocking=True)

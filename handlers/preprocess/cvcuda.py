@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..extras import install_hint
-from . import PreprocessSpec
-from .common import AcceleratedPreprocessor, Plan
+from .accelerated import AcceleratedPreprocessor, Plan
+from .contract import PreprocessSpec
 
 NAME = "cvcuda"
 
@@ -32,7 +32,7 @@ def availability(device: torch.device) -> str | None:
         return f"CV-CUDA needs a CUDA device; this worker runs on {device} (use cpu, or dali/torchvision)"
     try:
         import cvcuda  # noqa: F401
-        from nvidia import nvimgcodec  # noqa: F401
+        import nvidia.nvimgcodec  # noqa: F401
     except Exception as exc:
         return f"CV-CUDA or nvImageCodec is not importable ({type(exc).__name__}: {exc}); {install_hint('cvcuda')}"
     return None
@@ -54,7 +54,7 @@ class CvcudaPreprocessor(AcceleratedPreprocessor):
         if reason:
             raise ImportError(reason)
         import cvcuda
-        from nvidia import nvimgcodec
+        import nvidia.nvimgcodec as nvimgcodec
 
         self._cvcuda = cvcuda
         self._nvimgcodec = nvimgcodec

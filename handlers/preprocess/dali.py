@@ -17,7 +17,7 @@ exec_pipelined=False), which releases and reuses its output buffers at the next 
 them at shutdown. The copy out of them is queued on torch's stream, so an event recorded after
 that copy is waited on before the next run and before any shutdown (rebuild, close).
 
-Fault isolation: Pillow checks every header first (common.py), so DALI only sees images that look
+Fault isolation: Pillow checks every header first (accelerated.py), so DALI only sees images that look
 valid. When DALI still fails a sample (a truncated JPEG), the pipeline is rebuilt (DALI invalidates
 a pipeline after any error, RuntimeError or one of its typed ValueError/TypeError/IndexError); when the error names the sample, that one goes to the CPU path for its
 4xx and the rest run through DALI again, otherwise the batch is split in halves. After
@@ -31,15 +31,20 @@ stated for the GPU decoder, not yet measured).
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..extras import install_hint
-from . import PreprocessSpec
-from .common import AcceleratedPreprocessor, Plan
+from .accelerated import AcceleratedPreprocessor, Plan
+
+if TYPE_CHECKING:
+    from nvidia.dali.pipeline import Pipeline
+from .contract import PreprocessSpec
 
 NAME = "dali"
 logger = logging.getLogger(__name__)
@@ -206,8 +211,11 @@ class DaliPreprocessor(AcceleratedPreprocessor):
             self._copied.record(torch.cuda.current_stream(rows.device))
         return rows
 
-    def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
+    def _build(self) -> Pipeline:
+        # DALI's bundled stubs lag its API (enum members, decoder keywords): use it untyped here.
+        fn: Any = importlib.import_module("nvidia.dali.fn")
+        types: Any = importlib.import_module("nvidia.dali.types")
+        pipeline_def: Any = importlib.import_module("nvidia.dali").pipeline_def
 
         spec = self.spec
         on_gpu = spec.device.type == "cuda"
@@ -224,7 +232,7 @@ class DaliPreprocessor(AcceleratedPreprocessor):
             batch_size=spec.max_batch, num_threads=self.threads, device_id=device_id,
             prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
         )
-        def graph():
+        def graph() -> Any:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
             roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-# torch is imported inside the methods that use it: decode processes (decode_pool.py) import this
+# torch is imported inside the methods that use it: decode processes (host/child.py) import this
 # module to plan geometry and must stay lean (importing torch peaks at ~500 MB of RSS here; Pillow
 # and numpy at ~30 MB).
 

@@ -2,7 +2,7 @@
 EXIF orientation, antialiased resize, center crop and normalisation as torch ops on the GPU.
 
 It takes baseline and progressive JPEGs in RGB or grayscale; every other item (PNG, WebP, CMYK
-JPEG...) goes through the CPU backend and is uploaded (see common.py). If nvJPEG rejects a batch,
+JPEG...) goes through the CPU backend and is uploaded (see accelerated.py). If nvJPEG rejects a batch,
 the items are decoded one by one so that only the bad ones fall back (and get their 4xx there).
 
 On a CPU device the same code runs with torchvision's libjpeg-turbo decoder: that is how CI tests
@@ -22,8 +22,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import PreprocessSpec
-from .common import AcceleratedPreprocessor, Plan
+from .accelerated import AcceleratedPreprocessor, Plan
+from .contract import PreprocessSpec
 from .geometry import center_crop_box, resized_size
 
 NAME = "torchvision"
@@ -83,7 +83,8 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
 
     def accelerate(self, items: list[bytes], plans: list[Plan]) -> tuple[torch.Tensor | None, list[int]]:
         decoded = self._decode(items)
-        ok = [k for k, image in enumerate(decoded) if image is not None]
+        images = {k: image for k, image in enumerate(decoded) if image is not None}
+        ok = list(images)
         failed = [k for k, image in enumerate(decoded) if image is None]
         if not ok:
             return None, failed
@@ -92,7 +93,7 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
         if self.spec.geometry == "letterbox":
             out.fill_(float(self.spec.pad_value))
         for row, k in enumerate(ok):
-            self._resize_into(orient(decoded[k], plans[k].orientation or 1), plans[k], out[row])
+            self._resize_into(orient(images[k], plans[k].orientation or 1), plans[k], out[row])
         return self.normalise(out), failed
 
     def _decode(self, items: list[bytes]) -> list[torch.Tensor | None]:

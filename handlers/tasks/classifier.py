@@ -74,11 +74,11 @@ class ImageClassifier(VisionHandler):
         k = min(self.config.classifier.top_k, logits.shape[1])
         probs, indices = torch.softmax(logits.float(), dim=1).topk(k, dim=1)
         results = []
-        for row_probs, row_indices in zip(probs.cpu().tolist(), indices.cpu().tolist()):
+        for row_probs, row_indices in zip(probs.cpu().tolist(), indices.cpu().tolist(), strict=True):
             results.append({
                 "predictions": [
                     {"index": i, "label": self.labels.get(i, str(i)), "probability": round(p, 6)}
-                    for p, i in zip(row_probs, row_indices)
+                    for p, i in zip(row_probs, row_indices, strict=True)
                 ]
             })
         return results

@@ -237,10 +237,10 @@ def _decode(outputs: Any, output_format: str) -> list[tuple[torch.Tensor, torch.
         cx, cy, w, h = pred[..., 0], pred[..., 1], pred[..., 2], pred[..., 3]
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         scores, classes = pred[..., 4:].max(dim=-1)  # the best class of each candidate, as Ultralytics
-        return list(zip(boxes, scores, classes))
+        return list(zip(boxes, scores, classes, strict=True))
     if output_format == "xyxy_score_class":
         pred = outputs.float()
-        return list(zip(pred[..., :4], pred[..., 4], pred[..., 5].round().long()))
+        return list(zip(pred[..., :4], pred[..., 4], pred[..., 5].round().long(), strict=True))
     return [(o["boxes"].float(), o["scores"].float(), o["labels"].long()) for o in outputs]
 
 

@@ -45,6 +45,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,7 @@ _SHAPE_HINT = (
 )
 
 
-def _coco_mask() -> Any:
+def _coco_mask() -> ModuleType:
     try:
         from pycocotools import mask
     except ImportError as exc:  # a core dependency, but a hand-made environment may lack it

@@ -14,15 +14,15 @@ from archiver_scripts import samples
 from archiver_scripts.archive import build_archive
 from archiver_scripts.server import TorchServe
 from tests import models
+from tests.helpers import bad_and_odd_items, dali_or_skip
 from tests.reference import reference_batch
-from tests.unit.test_preprocess_backends import _dali_or_skip, bad_and_odd_items
 
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def dali_server(tmp_path_factory):
-    _dali_or_skip()
+    dali_or_skip()
     build = tmp_path_factory.mktemp("dali-build")
     store = tmp_path_factory.mktemp("dali-store")
     script = models.save_torchscript(models.make_model(), build / "tiny.pt")
@@ -52,7 +52,7 @@ def test_worker_runs_the_dali_backend(dali_server):
 def test_dali_predictions_match_the_reference_and_bad_items_fail_alone(dali_server):
     items = bad_and_odd_items()
     with ThreadPoolExecutor(len(items)) as pool:  # concurrent: they share DALI batches
-        responses = dict(zip(items, pool.map(lambda d: post(dali_server, d), items.values())))
+        responses = dict(zip(items, pool.map(lambda d: post(dali_server, d), items.values()), strict=True))
     statuses = {name: r.status_code for name, r in responses.items()}
     assert statuses == {"good": 200, "truncated": 400, "cmyk_jpeg": 200, "gif": 200, "text": 415,
                         "png": 200, "good_again": 200, "truncated_tail": 400}

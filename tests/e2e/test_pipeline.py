@@ -5,7 +5,7 @@ process and no shared-memory segment behind.
 One server, two archives of the same model: `plain` (today's path) and `piped`
 (`pipeline.micro_batch=2`, `pipeline.decode_processes=2`). The server runs with
 `TSGPU_TEST_DECODE_FAULTS` set, so items starting with `TSGPU-FAULT:...` crash or hang the decode
-process that takes them (handlers/preprocess/decode_pool.py).
+process that takes them (handlers/preprocess/host/pool.py).
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ def test_pipelined_model_answers_like_the_plain_one(pipe_server):
     items = _images()
     plain, piped = _post_all(pipe_server, "plain", items), _post_all(pipe_server, "piped", items)
     assert [s for s, _ in piped] == [s for s, _ in plain] == [200] * 6 + [415, 400]
-    for (_, a), (_, b) in zip(plain, piped):
+    for (_, a), (_, b) in zip(plain, piped, strict=True):
         if "predictions" not in a:
             assert a == b
             continue
         # Batches form differently under concurrency: equal up to batch-size-dependent rounding.
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
-        for p, q in zip(a["predictions"], b["predictions"]):
+        for p, q in zip(a["predictions"], b["predictions"], strict=True):
             assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
 
 

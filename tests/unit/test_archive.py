@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from archiver_scripts import samples
 from archiver_scripts.archive import TASKS, ArchiveError, build_archive
 from archiver_scripts.cli import COMMANDS, build_parser, main
 from handlers.errors import ConfigError
-from archiver_scripts import samples
 from tests import models
 from tests.models import TAGGER, tagger_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,14 @@ from autoscaler.decide import ModelState, Observation, Sample
 from autoscaler.exporter import Registry
 from autoscaler.policy import PolicyError, load_policy, parse_policy
 from autoscaler.torchserve import (
-    KeyFile, ManagementClient, ModelInfo, ModelNotFound, ScaleFailed, Unreachable, WorkerInfo, model_counters,
+    KeyFile,
+    ManagementClient,
+    ModelInfo,
+    ModelNotFound,
+    ScaleFailed,
+    Unreachable,
+    WorkerInfo,
+    model_counters,
 )
 
 ISSUE_POLICY = """
@@ -168,7 +176,7 @@ def test_scale_down_one_step_per_delay():
     counts = [h["a"] for h in history]
     assert counts[:6] == [3] * 6  # under since t=2, change at t=7
     assert counts[6] == 2 and 2 in counts and counts[-1] == 1
-    assert all(b >= a - 1 for a, b in zip(counts, counts[1:]))  # never more than one step at a time
+    assert all(b >= a - 1 for a, b in itertools.pairwise(counts))  # never more than one step at a time
 
 
 def test_hysteresis_band_holds_and_noise_does_not_flap():

@@ -24,7 +24,15 @@ from autoscaler.exporter import Registry
 from autoscaler.main import main
 from autoscaler.policy import parse_policy
 from autoscaler.torchserve import (
-    COUNTERS, KeyFile, ManagementClient, ModelInfo, ModelNotFound, Scrape, WorkerInfo, metric_families, scrape_metrics,
+    COUNTERS,
+    KeyFile,
+    ManagementClient,
+    ModelInfo,
+    ModelNotFound,
+    Scrape,
+    WorkerInfo,
+    metric_families,
+    scrape_metrics,
 )
 
 LOG_MODE = Scrape({}, frozenset())  # what scrape_metrics makes of TorchServe's empty answer in log mode

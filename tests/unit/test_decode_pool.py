@@ -7,11 +7,11 @@ import io
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,10 @@ from archiver_scripts import samples
 from handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from handlers.preprocess import PreprocessSpec, create_preprocessor
 from handlers.preprocess.cpu import CpuPreprocessor
-from handlers.preprocess.decode_pool import _BOOTSTRAP, _PACKAGE_ROOT, FAULTS_ENV, DecodePool
-from handlers.preprocess.pillow_decode import decode_spec
-from tests.unit.test_preprocess_backends import bad_and_odd_items, exif_rotated, make
+from handlers.preprocess.host.child import FAULTS_ENV
+from handlers.preprocess.host.decode import decode_spec
+from handlers.preprocess.host.pool import _BOOTSTRAP, _PACKAGE_ROOT, DecodePool
+from tests.helpers import bad_and_odd_items, exif_rotated, make
 
 CRASH = b"TSGPU-FAULT:crash\n"
 HANG = b"TSGPU-FAULT:hang\n"
@@ -220,8 +221,8 @@ while True:
 
 @pytest.mark.parametrize("reply", [b"not json", b'{"ok": 1}', b'{"error": ["InvalidInput"]}', b"[]", b"x" * 70_000])
 def test_a_child_that_answers_nonsense_fails_its_item_not_the_batch(monkeypatch, reply):
-    import handlers.preprocess.decode_pool as pool_module
-    from handlers.preprocess.pillow_decode import DecodeSpec
+    import handlers.preprocess.host.pool as pool_module
+    from handlers.preprocess.host.decode import DecodeSpec
 
     monkeypatch.setattr(pool_module, "_BOOTSTRAP", f"REPLY = {reply!r}\n" + _ANSWERS_NONSENSE)
     with DecodePool(DecodeSpec(size=(32, 32), resize_size=32), 1, capacity=2, timeout_s=5.0) as pool:
@@ -243,8 +244,8 @@ time.sleep(3600)
 
 
 def test_a_child_that_stalls_mid_reply_costs_its_item_not_the_worker(monkeypatch):
-    import handlers.preprocess.decode_pool as pool_module
-    from handlers.preprocess.pillow_decode import DecodeSpec
+    import handlers.preprocess.host.pool as pool_module
+    from handlers.preprocess.host.decode import DecodeSpec
 
     monkeypatch.setattr(pool_module, "_BOOTSTRAP", _STALLS_MID_REPLY)
     started = time.monotonic()
@@ -256,7 +257,7 @@ def test_a_child_that_stalls_mid_reply_costs_its_item_not_the_worker(monkeypatch
 
 def test_children_cannot_shrink_the_shared_frames():
     """A child holds the frames' fd read-write; shrinking the file would SIGBUS the worker."""
-    from handlers.preprocess.pillow_decode import DecodeSpec
+    from handlers.preprocess.host.decode import DecodeSpec
 
     with DecodePool(DecodeSpec(size=(16, 16), resize_size=16), 1, capacity=2) as pool:
         fd = pool._frames.fd
@@ -302,9 +303,9 @@ def test_children_are_lean_and_die_with_their_worker(tmp_path):
     way, so it is torch-free too) that is then SIGKILLed: its children must end with it and leave
     nothing in /dev/shm."""
     shm_before = _shm_entries()
-    script = _BOOTSTRAP.split("from handlers.preprocess.decode_pool")[0] + (
-        "from handlers.preprocess.decode_pool import DecodePool\n"
-        "from handlers.preprocess.pillow_decode import DecodeSpec\n"
+    script = _BOOTSTRAP.split("from handlers.preprocess.host.child")[0] + (
+        "from handlers.preprocess.host.pool import DecodePool\n"
+        "from handlers.preprocess.host.decode import DecodeSpec\n"
         "import json, time\n"
         "pool = DecodePool(DecodeSpec(), processes=2, capacity=2)\n"
         "probe = pool.probe(0)\n"

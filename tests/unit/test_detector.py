@@ -4,15 +4,12 @@ rectangle, so the right answer of every image is known)."""
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
 
 from handlers.errors import ConfigError, ModelLoadError
 from handlers.preprocess.geometry import Geometry, plan_letterbox
@@ -26,8 +23,7 @@ from handlers.tasks.detector import (
 )
 from handlers.testing import FakeContext, raw_request, run_handler
 from tests import detection_models
-
-LABELS = {"0": "person", "1": "bicycle", "2": "red_box"}
+from tests.helpers import DETECTION_CASES, eager, encode_case, model_dir_with, start_detector
 
 
 def identity(width: int = 100, height: int = 100) -> Geometry:
@@ -169,61 +165,9 @@ def test_output_unwrapping():
 
 # -- through the handler: boxes on the right original pixels --------------------------------------
 
-# (name, upright width, height, drawn box in upright pixels, EXIF orientation of the stored file)
-CASES = [
-    ("landscape", 1280, 720, (200, 400, 520, 610), 1),
-    ("portrait", 720, 1280, (90, 700, 400, 1010), 1),
-    ("tiny", 40, 30, (6, 16, 15, 25), 1),
-    ("4k", 3840, 2160, (2900, 300, 3500, 700), 1),
-    ("exif6", 900, 600, (100, 350, 330, 520), 6),
-    ("exif8", 600, 900, (380, 90, 560, 260), 8),
-]
-# The stored pixels that EXIF orientation `o` turns upright (np.rot90 turns counter-clockwise).
-_STORED_TURNS = {1: 0, 6: 1, 8: -1}
-
-
-def draw(width: int, height: int, box: tuple[int, int, int, int], offset: int = 0) -> np.ndarray:
-    """A real photo texture in gray (never red) with a saturated red rectangle at `box`."""
-    from archiver_scripts import samples
-
-    gray = samples.mosaic(width, height, offset).mean(axis=2).astype(np.uint8)
-    image = np.repeat(gray[..., None], 3, axis=2)
-    x1, y1, x2, y2 = box
-    image[y1:y2, x1:x2] = (255, 0, 0)
-    return image
-
-
-def encode_case(width: int, height: int, box: tuple[int, int, int, int], orientation: int) -> bytes:
-    upright = draw(width, height, box, offset=width % 4)
-    stored = np.ascontiguousarray(np.rot90(upright, k=_STORED_TURNS[orientation]))
-    exif = Image.Exif()
-    if orientation != 1:
-        exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(stored).save(buf, "JPEG", quality=95, subsampling=0, exif=exif.tobytes())
-    data = buf.getvalue()
-    # The fixture itself: a standard EXIF reader shows the rectangle where it was drawn.
-    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).astype(int)
-    red = np.nonzero(shown[..., 0] - np.maximum(shown[..., 1], shown[..., 2]) > 127)
-    assert (red[1].min(), red[0].min(), red[1].max() + 1, red[0].max() + 1) == box
-    return data
-
-
 @pytest.fixture(scope="module")
 def case_images() -> list[bytes]:
-    return [encode_case(w, h, box, o) for _, w, h, box, o in CASES]
-
-
-def model_dir_with(directory: Path, labels: bool = True) -> Path:
-    shutil.copy(detection_models.__file__, directory / "red_box.py")
-    torch.save({}, directory / "weights.pt")  # the red-box models have no parameters
-    if labels:
-        (directory / "index_to_name.json").write_text(json.dumps(LABELS))
-    return directory
-
-
-def eager(class_name: str) -> dict:
-    return {"file": "weights.pt", "format": "eager", "model_class": f"red_box.py:{class_name}"}
+    return [encode_case(w, h, box, o) for _, w, h, box, o in DETECTION_CASES]
 
 
 def exported_yolo(directory: Path, height: int, width: int) -> dict:
@@ -234,13 +178,6 @@ def exported_yolo(directory: Path, height: int, width: int) -> dict:
     name = f"yolo_{height}x{width}.pt2"
     torch.export.save(program, str(directory / name))
     return {"file": name}
-
-
-def start(directory: Path, handler_config: dict, batch_size: int = 1, cls: type = ObjectDetector):
-    ctx = FakeContext(directory, handler_config=handler_config, batch_size=batch_size)
-    handler = cls()
-    handler.initialize(ctx)
-    return handler, ctx
 
 
 GEOMETRIES = {
@@ -268,11 +205,11 @@ def test_boxes_land_on_the_drawn_rectangle(tmp_path, case_images, output_format,
         "torchvision": lambda: eager("RedBoxTorchvision"),
     }[output_format]()
     config = {"model": model, "preprocess": {"backend": "cpu", **GEOMETRIES[geometry]}}
-    handler, ctx = start(directory, config, batch_size=len(CASES))
+    handler, ctx = start_detector(directory, config, batch_size=len(DETECTION_CASES))
     assert handler.output_format == output_format  # auto recognised it at warm-up
 
     responses = run_handler(handler, ctx, [raw_request(b) for b in case_images])
-    for (name, w, h, box, _), response in zip(CASES, responses):
+    for (name, w, h, box, _), response in zip(DETECTION_CASES, responses, strict=True):
         assert response.status == 200, (name, response.body)
         assert response.body["image_size"] == [w, h], name
         # Exactly one detection: yolo's shifted duplicate is removed by NMS.
@@ -289,22 +226,22 @@ def test_boxes_land_on_the_drawn_rectangle(tmp_path, case_images, output_format,
         # downscaling is >= 1.25x, as in every case but the tiny one.
         per_x, per_y = original_px_per_input_px(w, h, geometry)
         tol = [0.5 + 0.6 * per_x, 0.5 + 0.6 * per_y] * 2
-        errors = [abs(a - b) for a, b in zip(det["box"], box)]
-        assert all(e <= t for e, t in zip(errors, tol)), (name, det["box"], box, errors, tol)
+        errors = [abs(a - b) for a, b in zip(det["box"], box, strict=True)]
+        assert all(e <= t for e, t in zip(errors, tol, strict=True)), (name, det["box"], box, errors, tol)
         assert 0 <= det["box"][0] < det["box"][2] <= w and 0 <= det["box"][1] < det["box"][3] <= h
 
 
 def test_a_corrupt_item_gets_its_own_error_and_labels_default_to_ids(tmp_path, case_images):
     directory = model_dir_with(tmp_path, labels=False)
-    handler, ctx = start(directory, {"model": eager("RedBoxXyxy"), "preprocess": {"backend": "cpu"}}, batch_size=3)
+    handler, ctx = start_detector(directory, {"model": eager("RedBoxXyxy"), "preprocess": {"backend": "cpu"}}, batch_size=3)
     responses = run_handler(handler, ctx, [raw_request(case_images[0]), raw_request(case_images[3][: len(case_images[3]) // 3]),
                                            raw_request(case_images[1])])
     assert [r.status for r in responses] == [200, 400, 200]
     assert responses[1].body["code"] == 400 and responses[1].body["type"] == "invalid_input"
-    for response, (_, w, h, box, _) in zip([responses[0], responses[2]], [CASES[0], CASES[1]]):
+    for response, (_, w, h, box, _) in zip([responses[0], responses[2]], [DETECTION_CASES[0], DETECTION_CASES[1]], strict=True):
         [det] = response.body["detections"]
         assert det["label"] == "2" and response.body["image_size"] == [w, h]
-        assert max(abs(a - b) for a, b in zip(det["box"], box)) < 6  # within the tolerance above
+        assert max(abs(a - b) for a, b in zip(det["box"], box, strict=True)) < 6  # within the tolerance above
 
 
 def test_the_table_hook_sees_and_replaces_the_results(tmp_path, case_images):
@@ -315,7 +252,7 @@ def test_the_table_hook_sees_and_replaces_the_results(tmp_path, case_images):
             seen.append(results)
             return [{**r, "detections": []} for r in results]
 
-    handler, ctx = start(model_dir_with(tmp_path), {"model": eager("RedBoxXyxy")}, cls=WithTable)
+    handler, ctx = start_detector(model_dir_with(tmp_path), {"model": eager("RedBoxXyxy")}, cls=WithTable)
     [response] = run_handler(handler, ctx, [raw_request(case_images[0])])
     assert response.body["detections"] == [] and len(seen[-1][0]["detections"]) == 1
 
@@ -338,12 +275,12 @@ def test_an_explicit_yolo_form_is_taken_as_stated_when_n_is_not_above_4_plus_c(t
     directory = model_dir_with(tmp_path)
     config = {"model": eager("RedBoxYoloFewCandidates"), "preprocess": {"backend": "cpu"},
               "detector": {"output_format": "yolo"}}
-    handler, ctx = start(directory, config)
+    handler, ctx = start_detector(directory, config)
     [response] = run_handler(handler, ctx, [raw_request(case_images[0])])
-    _, _, _, box, _ = CASES[0]
+    _, _, _, box, _ = DETECTION_CASES[0]
     [det] = response.body["detections"]  # the shifted duplicate is removed by NMS
     assert (det["class_id"], det["label"], det["score"]) == (2, "red_box", 0.9)
-    assert max(abs(a - b) for a, b in zip(det["box"], box)) < 6  # within test_boxes_land_...'s tolerance
+    assert max(abs(a - b) for a, b in zip(det["box"], box, strict=True)) < 6  # within test_boxes_land_...'s tolerance
 
 
 def test_auto_says_how_it_read_a_yolo_shape_with_few_candidates(tmp_path):
@@ -398,12 +335,12 @@ def test_a_real_torchvision_detector_with_random_weights(tmp_path):
         "preprocess": {"backend": "cpu", "input_size": 320},
         "detector": {"score_threshold": 0.05, "max_detections": 10},  # random weights: low scores
     }
-    handler, ctx = start(tmp_path, config, batch_size=2)
+    handler, ctx = start_detector(tmp_path, config, batch_size=2)
     sizes = [(300, 500), (500, 300)]
     images = [samples.encode(samples.mosaic(w, h, offset=i)) for i, (w, h) in enumerate(sizes)]
     responses = run_handler(handler, ctx, [raw_request(b) for b in images])  # mixed sizes, one batch
     assert handler.output_format == "torchvision"
-    for response, (w, h) in zip(responses, sizes):
+    for response, (w, h) in zip(responses, sizes, strict=True):
         assert response.status == 200
         assert set(response.body) == {"detections", "image_size"} and response.body["image_size"] == [w, h]
         dets = response.body["detections"]
@@ -433,6 +370,6 @@ def test_post_processing_on_cuda_matches_cpu(output_format):
     cuda = out.cuda() if isinstance(out, torch.Tensor) else [{k: v.cuda() for k, v in o.items()} for o in out]
     params = DetectionParams(nms="always", class_thresholds={1: 0.6}, max_detections=20)
     on_cpu, on_gpu = detect(out, g, output_format, params), detect(cuda, g, output_format, params)
-    for a, b in zip(on_cpu, on_gpu):
+    for a, b in zip(on_cpu, on_gpu, strict=True):
         assert [d.class_id for d in a] == [d.class_id for d in b]
         assert np.allclose([d.box for d in a], [d.box for d in b], atol=1e-3) if a else b == []

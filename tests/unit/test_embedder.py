@@ -59,7 +59,7 @@ def test_list_vectors_match_reference_and_are_unit_length(emb_dir, images):
     raw = expected_vectors(images)
     handler, ctx = make_handler(emb_dir, "quadrants.pt2")
     responses = run_handler(handler, ctx, [raw_request(d) for d in images])
-    for response, want in zip(responses, raw):
+    for response, want in zip(responses, raw, strict=True):
         assert response.status == 200 and set(response.body) == {"embedding", "dim"}
         got = np.asarray(response.body["embedding"])
         assert response.body["dim"] == 12 and got.shape == (12,)
@@ -67,7 +67,7 @@ def test_list_vectors_match_reference_and_are_unit_length(emb_dir, images):
         np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=ATOL)
 
     plain, plain_ctx = make_handler(emb_dir, "quadrants.pt2", {"normalize": False})
-    for response, want in zip(run_handler(plain, plain_ctx, [raw_request(d) for d in images]), raw):
+    for response, want in zip(run_handler(plain, plain_ctx, [raw_request(d) for d in images]), raw, strict=True):
         np.testing.assert_allclose(response.body["embedding"], want, atol=ATOL)
         # the list holds the float32 values exactly: parsing them as float32 changes nothing
         values = response.body["embedding"]
@@ -82,7 +82,7 @@ def test_base64_float16_and_float32(emb_dir, images):
     for dtype, code in (("float16", "<f2"), ("float32", "<f4")):
         handler, ctx = make_handler(emb_dir, "quadrants.pt2", {"encoding": "base64", "dtype": dtype})
         responses = run_handler(handler, ctx, [raw_request(d) for d in images])
-        for response, expected, listed in zip(responses, want, as_list):
+        for response, expected, listed in zip(responses, want, as_list, strict=True):
             body = response.body
             assert response.status == 200 and set(body) == {"embedding_b64", "dtype", "dim"}
             assert body["dtype"] == dtype and body["dim"] == 12
@@ -102,7 +102,7 @@ def test_pooled_feature_map_and_mixed_batch(emb_dir, images):
                                               raw_request(images[1])])
     assert 400 <= bad.status < 500 and bad.body["code"] == bad.status and "type" in bad.body
     expected = expected_vectors(images).reshape(2, 3, 4).mean(axis=2)  # whole-image channel means
-    for response, want in zip((ok, ok2), expected):
+    for response, want in zip((ok, ok2), expected, strict=True):
         assert response.status == 200 and response.body["dim"] == 3
         got = np.asarray(response.body["embedding"])
         np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=ATOL + 2**-11)
@@ -124,5 +124,5 @@ def test_vectors_on_cuda_match_reference(emb_dir, images):
     handler = ImageEmbedder()
     handler.initialize(ctx)
     assert handler.device.type == "cuda"
-    for response, expected in zip(run_handler(handler, ctx, [raw_request(d) for d in images]), want):
+    for response, expected in zip(run_handler(handler, ctx, [raw_request(d) for d in images]), want, strict=True):
         np.testing.assert_allclose(response.body["embedding"], expected, atol=ATOL)

@@ -2,101 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import ipaddress
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from PIL import Image
 
 import handlers.fetch as fetch
 from handlers.config import HandlerConfig
 from handlers.errors import ConfigError, Forbidden, InvalidInput, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 from handlers.fetch import UrlConfig, fetch_all, fetch_url, refusal_reason
-
-
-def _jpeg() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-JPEG = _jpeg()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    seen: list[str] = []
-    stop_reading: list[int] = []
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def do_GET(self):
-        type(self).seen.append(self.path)
-        route = self.path.split("?")[0]
-        if route == "/img.jpg":
-            self._send(200, JPEG, "image/jpeg")
-        elif route == "/img-no-type":
-            self._send(200, JPEG, None)
-        elif route == "/redirect":
-            self._redirect("/img.jpg")
-        elif route == "/redirect-chain":
-            self._redirect("/redirect")
-        elif route == "/loop":
-            self._redirect("/loop")
-        elif route == "/to-private":
-            self._redirect("http://internal.test/secret")
-        elif route == "/html":
-            self._send(200, b"<html>hi</html>", "text/html; charset=utf-8")
-        elif route == "/missing":
-            self._send(404, b"nope", "text/plain")
-        elif route == "/declared-huge":
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(10**10))
-            self.end_headers()
-        elif route == "/stream-huge":  # no Content-Length; the client must stop on its own
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            sent = 0
-            try:
-                while sent < 50 * 2**20:
-                    self.wfile.write(b"\xff" * 65536)
-                    sent += 65536
-            except OSError:
-                type(self).stop_reading.append(sent)
-        elif route == "/slow":
-            time.sleep(2.5)
-            self._send(200, JPEG, "image/jpeg")
-        else:
-            self._send(404, b"", "text/plain")
-
-    def _send(self, status, body, content_type):
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, location):
-        self.send_response(302)
-        self.send_header("Location", location)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+from tests.helpers import ORIGIN_JPEG as JPEG
+from tests.helpers import OriginHandler, image_origin
 
 
 @pytest.fixture(scope="module")
 def origin():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with image_origin() as url:
+        yield url
 
 
 # The test server lives on loopback, which the default config refuses: allow exactly that host.
@@ -110,10 +32,10 @@ def test_fetches_an_image(origin):
 
 
 def test_default_config_refuses_loopback_before_connecting(origin):
-    before = len(_Handler.seen)
+    before = len(OriginHandler.seen)
     with pytest.raises(Forbidden, match="127.0.0.1, a loopback address; refused"):
         fetch_url(f"{origin}/img.jpg", UrlConfig())
-    assert len(_Handler.seen) == before  # nothing reached the server
+    assert len(OriginHandler.seen) == before  # nothing reached the server
 
 
 def test_redirects_are_followed_and_checked(origin, monkeypatch):

@@ -46,7 +46,7 @@ def test_corpus_input_keeps_its_clean_outcome(cpu_backend, name):
 def test_corpus_through_accelerated_backends_keeps_every_outcome(backend):
     """The whole corpus as one batch through each backend that runs on a CPU: each item gets the
     outcome the CPU backend gives it alone (bad ones their own 4xx, the rest succeed)."""
-    from tests.unit.test_preprocess_backends import make
+    from tests.helpers import make
 
     names = sorted(INDEX)
     pre = make(backend, max_image_pixels=20_000_000, max_batch=16)

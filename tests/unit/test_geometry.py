@@ -29,9 +29,17 @@ from PIL import Image
 from archiver_scripts import samples
 from handlers.preprocess import PreprocessSpec, create_preprocessor
 from handlers.preprocess.geometry import Geometry, plan_center_crop, plan_letterbox, plan_stretch
+from tests.helpers import (
+    CPU_MAX_TOL,
+    CPU_MEAN_TOL,
+    DRAFT_MAX_TOL,
+    DRAFT_MEAN_TOL,
+    EXACT_TOL,
+    GPU_MAX_TOL,
+    GPU_MEAN_TOL,
+    make,
+)
 from tests.reference import reference_mode_tensor
-from tests.unit.test_preprocess_backends import CPU_MAX_TOL, CPU_MEAN_TOL, GPU_MAX_TOL, GPU_MEAN_TOL, make
-from tests.unit.test_preprocess_cpu import DRAFT_MAX_TOL, DRAFT_MEAN_TOL, EXACT_TOL
 
 IDENTICAL_TOL = 1e-5
 DALI_CPU_MAX_TOL = 0.25

@@ -244,7 +244,7 @@ def test_stripped_wheel_loses_the_file_and_its_record_line(tmp_path):
 def test_the_doc_lists_every_gpu_path():
     doc = (ROOT / "docs/gpu-verification.md").read_text()
     missing = [path.what for path in gpu_check.PATHS if path.what not in doc]
-    assert not missing, f"docs/gpu-verification.md lacks GPU paths (python benchmarks/gpu_check.py paths): {missing}"
+    assert not missing, f"docs/gpu-verification.md lacks GPU paths (python -m benchmarks.gpu_check paths): {missing}"
 
 
 def test_backbones_reports_a_missing_tensorrt_instead_of_raising(monkeypatch):

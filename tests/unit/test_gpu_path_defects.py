@@ -17,8 +17,9 @@ from archiver_scripts import samples
 from handlers.preprocess import PreprocessSpec
 from handlers.preprocess import cpu as cpu_backend
 from handlers.preprocess.cpu import CpuPreprocessor
+from handlers.preprocess.host.decode import orientation
+from tests.helpers import CPU_MAX_TOL, CPU_MEAN_TOL, bad_and_odd_items, make
 from tests.reference import reference_tensor
-from tests.unit.test_preprocess_backends import CPU_MAX_TOL, CPU_MEAN_TOL, bad_and_odd_items, make
 
 
 def _photos() -> list[bytes]:
@@ -255,6 +256,6 @@ def test_readable_exif_still_runs_on_the_gpu_decoder_path():
     batch = pre.run([data])
     assert pre.fallback_items == 0 and batch.geometry[0].original_size == (300, 400)
     image = Image.open(io.BytesIO(data))
-    assert cpu_backend.orientation(image) == 6
+    assert orientation(image) == 6
     plain = Image.open(io.BytesIO(samples.encode(np.zeros((8, 8, 3), np.uint8))))
-    assert cpu_backend.orientation(plain) == 1
+    assert orientation(plain) == 1

@@ -187,9 +187,9 @@ def test_failed_items_leave_no_reference_cycles_holding_the_batch(model_dir, jpe
     import gc
 
     if backend == "dali":
-        from tests.unit.test_preprocess_backends import _dali_or_skip
+        from tests.helpers import dali_or_skip
 
-        _dali_or_skip()
+        dali_or_skip()
 
     handler, ctx = make_handler(model_dir, "model_ep.pt2", {"preprocess": {"backend": backend}})
     good = jpegs["coffee"]

@@ -20,7 +20,7 @@ from handlers.image_classifier import ImageClassifier
 from handlers.pipeline import plan_threads
 from handlers.stages import DECODE, FORWARD, POSTPROCESS, READ
 from handlers.testing import FakeContext, json_request, raw_request, run_handler
-from tests.unit import test_detector as det
+from tests.helpers import DETECTION_CASES, eager, encode_case, image_origin, model_dir_with, start_detector
 
 BATCH = 8
 
@@ -41,7 +41,7 @@ def mixed_requests():
         raw_request(b""),                                         # empty: 400
     ]
     requests = [raw_request(g) for g in good]
-    for position, request in zip((1, 4, 6, 9), bad):
+    for position, request in zip((1, 4, 6, 9), bad, strict=True):
         requests.insert(position, request)
     return requests
 
@@ -99,19 +99,19 @@ def test_whole_batch_against_micro_batches_is_exact_or_within_1e5(model_dir, mix
             assert b1 == b2
             continue
         assert [p["index"] for p in b1["predictions"]] == [p["index"] for p in b2["predictions"]]
-        for p1, p2 in zip(b1["predictions"], b2["predictions"]):
+        for p1, p2 in zip(b1["predictions"], b2["predictions"], strict=True):
             assert p1["probability"] == pytest.approx(p2["probability"], abs=1e-5)
 
 
 def test_pipelined_detector_boxes_are_those_of_the_unpipelined_path(tmp_path, case_images):
-    directory = det.model_dir_with(tmp_path)
+    directory = model_dir_with(tmp_path)
     requests = [raw_request(b) for b in case_images]
     requests.insert(2, raw_request(b"garbage"))
     results = {}
     for micro in (0, 2):
-        config = {"model": det.eager("RedBoxXyxy"), "preprocess": {"backend": "cpu"},
+        config = {"model": eager("RedBoxXyxy"), "preprocess": {"backend": "cpu"},
                   "pipeline": {"micro_batch": micro}}
-        handler, ctx = det.start(directory, config, batch_size=len(requests))
+        handler, ctx = start_detector(directory, config, batch_size=len(requests))
         results[micro] = answers(handler, ctx, requests)
     assert results[2] == results[0]
     assert [s for s, _ in results[0]].count(200) == len(case_images)
@@ -119,7 +119,7 @@ def test_pipelined_detector_boxes_are_those_of_the_unpipelined_path(tmp_path, ca
 
 @pytest.fixture(scope="module")
 def case_images():
-    return [det.encode_case(w, h, box, o) for _, w, h, box, o in det.CASES]
+    return [encode_case(w, h, box, o) for _, w, h, box, o in DETECTION_CASES]
 
 
 def test_every_stage_is_timed_once_per_batch_over_its_micro_batches(model_dir, mixed_requests):
@@ -235,10 +235,13 @@ def test_response_json_is_valid(model_dir, mixed_requests):
     assert [json.loads(body).get("code", 200) for body in bodies] == [200, 415, 200, 200, 400, 200, 400, 200]
 
 
-from tests.unit.test_fetch import origin  # noqa: E402,F401  (the loopback image origin fixture)
+@pytest.fixture(scope="module")
+def origin():
+    with image_origin() as url:
+        yield url
 
 
-def test_url_items_of_a_batch_download_together_not_per_micro_batch(model_dir, origin):  # noqa: F811
+def test_url_items_of_a_batch_download_together_not_per_micro_batch(model_dir, origin):
     """4 URLs that each take 2.5 s, micro-batches of 1: about 2.5 s, not 4 x 2.5 s."""
     config = {"preprocess": {"backend": "cpu"}, "pipeline": {"micro_batch": 1},
               "url": {"allowed_networks": ["127.0.0.1/32"], "read_timeout": 5.0, "total_timeout": 10.0}}

@@ -9,7 +9,6 @@ TSGPU_REQUIRE_DALI=1 (CI sets it), so a missing install fails instead of skippin
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 
@@ -20,37 +19,22 @@ from PIL import Image
 
 from archiver_scripts import samples
 from handlers.errors import ConfigError, InvalidInput, UnsupportedMediaType
-from handlers.preprocess import PreprocessSpec, backend_module, create_preprocessor, resolve_backend
+from handlers.preprocess import PreprocessSpec, resolve_backend
 from handlers.preprocess.cpu import CpuPreprocessor
+from tests.helpers import (
+    CPU_MAX_TOL,
+    CPU_MEAN_TOL,
+    GPU_MAX_TOL,
+    GPU_MEAN_TOL,
+    bad_and_odd_items,
+    dali_or_skip,
+    exif_rotated,
+    make,
+    photo_jpegs,
+)
 from tests.reference import reference_tensor
-from tests.unit.test_preprocess_cpu import photo_jpegs
-
-# Stated tolerances in normalised units (one 8-bit level is about 0.0175). On the CPU both backends
-# use libjpeg-turbo, as Pillow does, and resize the exact crop box: within a level or two.
-CPU_MEAN_TOL, CPU_MAX_TOL = 0.01, 0.05
-# nvJPEG / the hardware decoder use other IDCT and chroma upsampling than libjpeg-turbo.
-GPU_MEAN_TOL, GPU_MAX_TOL = 0.03, 0.5
 
 ON_CPU = ["torchvision", "dali"]
-
-
-def _dali_or_skip() -> None:
-    reason = backend_module("dali").availability(torch.device("cpu"))
-    if reason is None:
-        return
-    if os.environ.get("TSGPU_REQUIRE_DALI") == "1":
-        pytest.fail(f"TSGPU_REQUIRE_DALI=1 but DALI is unavailable: {reason}")
-    pytest.skip(reason)
-
-
-def make(backend: str, device: str = "cpu", **spec_kwargs):
-    if backend == "dali":
-        _dali_or_skip()
-    spec = PreprocessSpec(device=torch.device(device), **{"max_batch": 8, **spec_kwargs})
-    if backend_module(backend).availability(spec.device) is not None:
-        pytest.skip(backend_module(backend).availability(spec.device))
-    return create_preprocessor(backend, spec, threads=2)
-
 
 CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ON_CPU] + [
     pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in ["torchvision", "dali", "cvcuda"]
@@ -60,33 +44,6 @@ CASES = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in ON_CPU] + [
 @pytest.fixture(scope="module")
 def jpegs():
     return photo_jpegs()
-
-
-def exif_rotated(turn: int) -> bytes:
-    """A real photo stored sideways with an EXIF orientation tag, as phone cameras write them."""
-    image = Image.fromarray(samples.photos()["astronaut"][:, 64:448])
-    exif = Image.Exif()
-    exif[0x0112] = turn
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=92, exif=exif.tobytes())
-    return buf.getvalue()
-
-
-def bad_and_odd_items() -> dict[str, bytes]:
-    good = samples.encode(samples.photos()["chelsea"], "JPEG", quality=90)
-    coffee = samples.photos()["coffee"]
-    cmyk = io.BytesIO()
-    Image.fromarray(coffee).convert("CMYK").save(cmyk, "JPEG")
-    return {
-        "good": good,
-        "truncated": good[: len(good) // 2],
-        "cmyk_jpeg": cmyk.getvalue(),
-        "gif": samples.encode(coffee, "GIF"),
-        "text": b"this is not an image",
-        "png": samples.encode(coffee, "PNG"),
-        "good_again": good,
-        "truncated_tail": good[:-300],
-    }
 
 
 def tolerance(device: str) -> tuple[float, float]:
@@ -131,7 +88,7 @@ def test_bad_items_fail_alone_and_the_batch_succeeds(backend, device):
     items = bad_and_odd_items()
     pre = make(backend, device)
     batch = pre.run(list(items.values()))
-    by_name = dict(zip(items, batch.errors))
+    by_name = dict(zip(items, batch.errors, strict=True))
     assert isinstance(by_name["truncated"], InvalidInput) and by_name["truncated"].code == 400
     assert isinstance(by_name["truncated_tail"], InvalidInput)
     assert isinstance(by_name["text"], UnsupportedMediaType) and by_name["text"].code == 415
@@ -140,7 +97,7 @@ def test_bad_items_fail_alone_and_the_batch_succeeds(backend, device):
     names = list(items)
     assert batch.rows == [names.index(n) for n in ok]
     mean_tol, max_tol = tolerance(device)
-    for row, name in zip(batch.rows, ok):
+    for row, name in zip(batch.rows, ok, strict=True):
         diff = (batch.tensor[batch.rows.index(row)].cpu() - reference_tensor(items[name])).abs()
         assert diff.mean().item() < mean_tol and diff.max().item() < max_tol, name
     # CMYK and GIF are outside every GPU decoder here: they took the CPU path and were uploaded.
@@ -218,7 +175,7 @@ def test_handler_uses_the_backend_named_in_model_config(model_dir, backend):
     from handlers.testing import FakeContext, raw_request, run_handler
 
     if backend == "dali":
-        _dali_or_skip()
+        dali_or_skip()
     context = FakeContext(model_dir, serialized_file="model_ep.pt2", batch_size=4,
                           handler_config={"preprocess": {"backend": backend}})
     handler = ImageClassifier()
@@ -268,7 +225,7 @@ def _png_with_exif_after_idat(orientation_value: int) -> bytes:
 def test_planning_a_png_reads_chunk_headers_not_pixels(monkeypatch):
     from PIL import PngImagePlugin
 
-    from handlers.preprocess.common import plan_item, png_has_exif
+    from handlers.preprocess.accelerated import plan_item, png_has_exif
 
     plain = samples.encode(samples.mosaic(64, 48), "PNG")
     late = _png_with_exif_after_idat(6)

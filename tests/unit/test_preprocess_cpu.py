@@ -15,30 +15,15 @@ from archiver_scripts import samples
 from handlers.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from handlers.preprocess import PreprocessSpec, create_preprocessor
 from handlers.preprocess.cpu import CpuPreprocessor
+from tests.helpers import DRAFT_MAX_TOL, DRAFT_MEAN_TOL, EXACT_MEAN_TOL, EXACT_TOL, photo_jpegs
 from tests.reference import reference_batch, reference_tensor
 
-# The contract the module docstring states; measured values are printed by -s for the record.
-# No draft decoding: same filter over the same pixels; the fused resize+crop computes its filter
-# positions from the crop box, so a few pixels round to the neighbouring 8-bit level.
-ONE_LEVEL = 1.0 / (255 * min(0.229, 0.224, 0.225))
-EXACT_TOL = ONE_LEVEL + 1e-4
-EXACT_MEAN_TOL = 1e-3
-DRAFT_MEAN_TOL = 0.02     # draft decoding, normalised units (1.0 = one std of the channel)
-DRAFT_MAX_TOL = 0.35
+# The contract the module docstring states (tolerances in tests/helpers.py); measured values are
+# printed by -s for the record.
 
 
 def run(items, threads=2, **spec_kwargs):
     return CpuPreprocessor(PreprocessSpec(**spec_kwargs), threads).run(items)
-
-
-def photo_jpegs() -> dict[str, bytes]:
-    """Real photos at several sizes and aspect ratios, incl. 1080p and 4K mosaics and a portrait."""
-    out = {name: samples.encode(arr, "JPEG", quality=90) for name, arr in samples.photos().items()}
-    out["1080p"] = samples.encode(samples.mosaic(1920, 1080), "JPEG", quality=90)
-    out["4k"] = samples.encode(samples.mosaic(3840, 2160), "JPEG", quality=90)
-    out["portrait"] = samples.encode(samples.mosaic(1080, 1920), "JPEG", quality=90)
-    out["small"] = samples.encode(samples.photos()["chelsea"][:90, :120], "JPEG", quality=90)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,22 @@ import handlers
 from archiver_scripts import samples
 from archiver_scripts.cli import main
 from archiver_scripts.profile import (
-    AUTO, NOT_AVAILABLE, OTHER, Advice, Profile, ProfileError, Run, Setting, _pipeline_settings, best_setting,
-    format_profile, parse_batch_sizes, parse_settings, recommend, resolve_decode_processes, resolve_micro_batches,
+    AUTO,
+    NOT_AVAILABLE,
+    OTHER,
+    Advice,
+    Profile,
+    ProfileError,
+    Run,
+    Setting,
+    _pipeline_settings,
+    best_setting,
+    format_profile,
+    parse_batch_sizes,
+    parse_settings,
+    recommend,
+    resolve_decode_processes,
+    resolve_micro_batches,
 )
 from handlers.stages import DECODE, FORWARD, STAGES
 from tests import models

@@ -148,7 +148,7 @@ def test_masks_land_on_drawn_pixels(seg_dir, scenes, interpolation):
 
     bad = responses[-1]
     assert 400 <= bad.status < 500 and bad.body["code"] == bad.status, bad.body  # its own 4xx
-    for name, response in zip(names, responses):
+    for name, response in zip(names, responses[:-1], strict=True):
         w, h = CASES[name][:2]
         assert response.status == 200, (name, response.body)
         body = response.body
@@ -248,7 +248,7 @@ def test_torchvision_lraspp_random_weights(tmp_path):
     responses = run_handler(handler, ctx, [raw_request(encode(landscape, "JPEG")), raw_request(b"GIF89a\x00"),
                                            raw_request(encode(portrait, "PNG"))])
     assert 400 <= responses[1].status < 500 and responses[1].body["code"] == responses[1].status
-    for response, (w, h) in zip((responses[0], responses[2]), ((200, 120), (90, 160))):
+    for response, (w, h) in zip((responses[0], responses[2]), ((200, 120), (90, 160)), strict=True):
         assert response.status == 200, response.body
         body = response.body
         assert body["image_size"] == [w, h] and set(body) == {"image_size", "segments"}
@@ -343,7 +343,7 @@ def test_handler_on_cuda_masks_land_on_drawn_pixels(seg_dir, scenes, interpolati
     handler.initialize(ctx)
     names = ["landscape", "4k", "exif6"]
     responses = run_handler(handler, ctx, [raw_request(scenes[n][0]) for n in names])
-    for name, response in zip(names, responses):
+    for name, response in zip(names, responses, strict=True):
         w, h = CASES[name][:2]
         assert response.status == 200 and response.body["image_size"] == [w, h]
         decoded = {s["class_id"]: decode(s) for s in response.body["segments"]}

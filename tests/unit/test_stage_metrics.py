@@ -11,7 +11,16 @@ import torch
 from archiver_scripts import samples
 from handlers.image_classifier import ImageClassifier
 from handlers.stages import (
-    DECODE, DEVICE_IDLE, FORWARD, OVERLAP, POSTPROCESS, READ, STAGES, StageClock, StageTimer, overlap,
+    DECODE,
+    DEVICE_IDLE,
+    FORWARD,
+    OVERLAP,
+    POSTPROCESS,
+    READ,
+    STAGES,
+    StageClock,
+    StageTimer,
+    overlap,
 )
 from handlers.testing import FakeContext, FakeMetrics, raw_request, run_handler
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import copy
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import shutil
 import sys
 import types
@@ -20,8 +20,8 @@ from archiver_scripts import samples
 from handlers.config import TableConfig
 from handlers.errors import ConfigError, InvalidInput, ModelLoadError
 from handlers.image_classifier import ImageClassifier
-from handlers.tasks.detector import ObjectDetector
 from handlers.tables import TableRules, TableStage, load_rules, load_table_stage, parse_rules, resolve_engine
+from handlers.tasks.detector import ObjectDetector
 from handlers.testing import FakeContext, json_request, raw_request, run_handler
 from tests import detection_models
 
@@ -380,7 +380,7 @@ def test_classifier_applies_the_archive_rules_and_the_hook(model_dir, images, tm
 
     assert [r.status for r in served] == [200, 400, 200, 200, 200]
     assert served[1].body == baseline[1].body
-    for before, after in zip(preds, served):
+    for before, after in zip(preds, served, strict=True):
         if before is None:
             continue
         expected = [
@@ -474,7 +474,7 @@ def test_detector_applies_rules_hook_and_counts(tmp_path):
     [found] = responses[0].body["detections"]
     assert (found["class_id"], found["label"], found["score"]) == (2, "defect", 0.9)
     x1, y1, x2, y2 = found["box"]
-    assert max(abs(a - b) for a, b in zip(found["box"], (50, 60, 250, 200))) < 3
+    assert max(abs(a - b) for a, b in zip(found["box"], (50, 60, 250, 200), strict=True)) < 3
     assert found["area"] == pytest.approx((x2 - x1) * (y2 - y1))
     assert responses[0].body["counts"] == {"defect": 1} and responses[0].body["image_size"] == [400, 300]
     # the small rectangle is found by the model (the hook saw it) but dropped by the hook

@@ -1,4 +1,5 @@
-"""What the accelerated preprocess backends (torchvision, dali, cvcuda) share.
+"""The base of the accelerated preprocess backends (torchvision, dali, cvcuda): probe, split,
+accelerate, fall back to the CPU path, assemble.
 
 Every accelerated backend runs the same sequence, so each one only says which items it takes and
 how it decodes + resizes them:
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RequestError
-from . import Batch, Geometry, Normaliser, PreprocessSpec
-from .cpu import CpuPreprocessor, open_image, orientation
+from .contract import BackendContractError, Batch, Normaliser, PreprocessSpec
+from .cpu import CpuPreprocessor
+from .geometry import Geometry
+from .host.decode import open_image, orientation
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +167,7 @@ class AcceleratedPreprocessor:
                     done.append(i)
                     geometry[i] = plans[k].geometry
             if done:
-                assert rows is not None and rows.shape[0] == len(done), "backend returned a wrong row count"
-                parts.append((done, rows))
+                parts.append((done, self._check_rows(rows, len(done))))
             slow = sorted(slow + [fast[k] for k in failed])
 
         if slow:
@@ -178,6 +180,16 @@ class AcceleratedPreprocessor:
 
         rows_all = sorted(i for indices, _ in parts for i in indices)
         return Batch(tensor=self._assemble(parts, rows_all), rows=rows_all, geometry=geometry, errors=errors)
+
+    def _check_rows(self, rows: torch.Tensor | None, expected: int) -> torch.Tensor:
+        """`accelerate`'s rows, checked against the contract: one row per item it did not fail."""
+        got = 0 if rows is None else rows.shape[0]
+        if rows is None or got != expected:
+            raise BackendContractError(
+                f"the {self.name} backend returned {got} rows for {expected} items it reported "
+                f"decoded (accelerate() must return one row per item not in `failed`)"
+            )
+        return rows
 
     def _assemble(self, parts: list[tuple[list[int], torch.Tensor]], rows: list[int]) -> torch.Tensor | None:
         if not parts:

@@ -1,7 +1,7 @@
-"""Pillow decoding of one item into a preprocessed crop: the CPU backend's per-item work, torch-free.
+"""Pillow decoding of one item into a preprocessed crop: the CPU path's per-item work, torch-free.
 
-This is the part of the `cpu` backend (cpu.py) that runs per item, kept free of torch so a decode
-process (decode_pool.py) can import it with Pillow and numpy only. Per item:
+The `cpu` backend (cpu.py) runs this per item in threads; a decode process (child.py) runs it with
+Pillow and numpy only, so nothing here may import torch. Per item:
   1. open with an allow-list of formats; refuse oversized images from the header, before decoding;
   2. JPEG: let libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling) when the image is
      much larger than needed, keeping at least `draft_min_ratio` source pixels per output pixel;
@@ -9,26 +9,24 @@ process (decode_pool.py) can import it with Pillow and numpy only. Per item:
   4. resize only the region that survives the center crop (Pillow's `box`), straight to crop size,
      and write it (padded for letterbox) into the caller's H x W x 3 uint8 slot.
 
-`decode_into` takes a `DecodeSpec` (the plain data a decode process is sent) or a `PreprocessSpec`
-(which has the same fields).
+Everything here takes a `DecodeSettings`: a `PreprocessSpec` (contract.py) or its torch-free
+projection `DecodeSpec`, the plain data a decode process is sent.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from ..errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
-from .geometry import Geometry, ceil_size, draft_scale, plan
+from ...errors import InvalidInput, PayloadTooLarge, RequestError, UnsupportedMediaType
+from ..geometry import Geometry, ceil_size, draft_scale, plan
 
-if TYPE_CHECKING:
-    from . import PreprocessSpec
-
-__all__ = ["ACCEPTED_FORMATS", "DecodeSpec", "decode_into", "decode_spec", "open_image", "orientation"]
+__all__ = ["ACCEPTED_FORMATS", "DecodeSettings", "DecodeSpec", "decode_into", "decode_spec", "open_image",
+           "orientation", "resample_filter"]
 
 # Formats accepted from clients. An allow-list keeps Pillow from trying every plugin it has on
 # hostile bytes (EPS, for one, would run Ghostscript). The JPEG opener also returns MPO files (the
@@ -56,9 +54,37 @@ _EXIF_ORIENTATION_TAG = 0x0112
 _EMPTY_EXIF_BYTES = 6 + 8 + 6
 
 
+class DecodeSettings(Protocol):
+    """What decoding reads from a spec; both `PreprocessSpec` and `DecodeSpec` provide it."""
+
+    @property
+    def geometry(self) -> str: ...
+    @property
+    def size(self) -> tuple[int, int]: ...
+    @property
+    def resize_size(self) -> int: ...
+    @property
+    def pad_value(self) -> int: ...
+    @property
+    def jpeg_draft(self) -> bool: ...
+    @property
+    def draft_min_ratio(self) -> float: ...
+    @property
+    def max_image_pixels(self) -> int: ...
+    @property
+    def interpolation(self) -> str: ...
+
+    def plan(self, width: int, height: int, fmt: str = "") -> Geometry: ...
+
+
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What `decode_into` needs from a PreprocessSpec, as plain data (no torch dtype or device)."""
+    """The decode settings of a `PreprocessSpec` as plain, JSON-able data.
+
+    Not a second spec: it is derived from the one spec by `decode_spec` (field by field, by name)
+    and exists because a decode process must not import torch, which `PreprocessSpec` holds (its
+    dtype and device), and is sent its settings as JSON (`to_dict` / `from_dict`).
+    """
 
     geometry: str = "center_crop"
     size: tuple[int, int] = (224, 224)
@@ -76,33 +102,27 @@ class DecodeSpec:
         return plan(self.geometry, width, height, (w, h), self.resize_size, fmt)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecodeSpec:
         return cls(**{**data, "size": tuple(data["size"])})
 
 
-AnySpec = Union[DecodeSpec, "PreprocessSpec"]
-
-
-def decode_spec(spec: AnySpec) -> DecodeSpec:
-    """The DecodeSpec of a PreprocessSpec (or of a DecodeSpec: itself)."""
+def decode_spec(spec: DecodeSettings) -> DecodeSpec:
+    """The DecodeSpec of a PreprocessSpec: each of its fields read by name (a DecodeSpec: itself)."""
     if isinstance(spec, DecodeSpec):
         return spec
-    return DecodeSpec(
-        geometry=spec.geometry, size=tuple(spec.size), resize_size=spec.resize_size,
-        pad_value=spec.pad_value, jpeg_draft=spec.jpeg_draft, draft_min_ratio=spec.draft_min_ratio,
-        max_image_pixels=spec.max_image_pixels, interpolation=spec.interpolation,
-    )
+    values = {f.name: getattr(spec, f.name) for f in fields(DecodeSpec)}
+    return DecodeSpec(**{**values, "size": tuple(values["size"])})
 
 
-def resample_filter(interpolation: str) -> int:
+def resample_filter(interpolation: str) -> Image.Resampling:
     """Pillow's filter for handler.preprocess.interpolation."""
     return _RESAMPLE[interpolation]
 
 
-def open_image(data: bytes, spec: AnySpec) -> Image.Image:
+def open_image(data: bytes, spec: DecodeSettings) -> Image.Image:
     """Open (not decode) an encoded image and check its header against the spec's limits.
 
     Raises a RequestError subclass for anything wrong with the bytes: 400 empty, 415 not an accepted
@@ -136,7 +156,7 @@ def open_image(data: bytes, spec: AnySpec) -> Image.Image:
     return image
 
 
-def decode_into(data: bytes, spec: AnySpec, resample: int, out: np.ndarray) -> Geometry:
+def decode_into(data: bytes, spec: DecodeSettings, resample: Image.Resampling, out: np.ndarray) -> Geometry:
     """Decode one encoded image and write its preprocessed crop (H, W, 3 uint8) into `out`.
 
     Raises a RequestError subclass for anything wrong with the bytes; never anything else for bad
@@ -155,7 +175,7 @@ def decode_into(data: bytes, spec: AnySpec, resample: int, out: np.ndarray) -> G
 
 
 def _decode_checked(
-    image: Image.Image, fmt: str, spec: AnySpec, resample: int, out: np.ndarray
+    image: Image.Image, fmt: str, spec: DecodeSettings, resample: Image.Resampling, out: np.ndarray
 ) -> Geometry:
     stored = image.size  # full resolution, as stored (draft decoding makes image.size smaller)
     content: tuple[float, float] = stored  # the original's extent in decoded pixels
@@ -192,7 +212,7 @@ def _decode_checked(
 
 
 def _plan_oriented(
-    image: Image.Image, stored: tuple[int, int], fmt: str, spec: AnySpec
+    image: Image.Image, stored: tuple[int, int], fmt: str, spec: DecodeSettings
 ) -> tuple[int, Geometry]:
     """The EXIF orientation (unreadable = as stored) and the geometry of the upright image of the
     `stored` (width, height)."""
@@ -206,7 +226,7 @@ def orientation(image: Image.Image) -> int | None:
     when it has an EXIF block that Pillow cannot read or an orientation outside 1..8.
 
     None matters to the GPU decoders, which parse EXIF themselves and may still find a rotation:
-    such items take the CPU path (common.py), where the image is used as stored (1)."""
+    such items take the CPU path (accelerated.py), where the image is used as stored (1)."""
     raw = image.info.get("exif")
     try:
         exif = image.getexif()
