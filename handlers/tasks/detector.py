@@ -31,6 +31,7 @@ in one transfer at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,11 @@ class DetectorConfig:
     """auto (only for yolo outputs, which have none) | always | never."""
     max_detections: int = 100
 
+    def runs_nms(self, output_format: str) -> bool:
+        """NMS here: always, or for yolo outputs only under auto (the other forms come out of a
+        model's own NMS)."""
+        return self.nms == "always" or (self.nms == "auto" and output_format == "yolo")
+
     def validate(self, path: str) -> None:
         check_choice(self.output_format, ("auto", *OUTPUT_FORMATS), f"{path}.output_format")
         check_choice(self.nms, ("auto", "always", "never"), f"{path}.nms")
@@ -105,19 +111,17 @@ class Detection(NamedTuple):
 
 
 @dataclass(frozen=True)
-class DetectionParams:
-    """Post-processing settings (from `handler.detector`, class thresholds resolved to ids)."""
+class DetectionParams(DetectorConfig):
+    """`handler.detector` as post-processing reads it: class thresholds resolved to class ids."""
 
-    score_threshold: float = 0.25
-    class_thresholds: Mapping[int, float] = field(default_factory=dict)
-    iou_threshold: float = 0.45
-    class_agnostic: bool = False
-    nms: str = "auto"
-    """auto (NMS for yolo outputs only: the other forms come out of a model's own NMS) | always | never."""
-    max_detections: int = 100
+    class_thresholds: Mapping[int, float] = field(default_factory=dict)  # type: ignore[assignment]
 
-    def runs_nms(self, output_format: str) -> bool:
-        return self.nms == "always" or (self.nms == "auto" and output_format == "yolo")
+    @classmethod
+    def resolve(cls, config: DetectorConfig, labels: Mapping[int, str]) -> DetectionParams:
+        """`config` with its class_thresholds (keyed by id or label) keyed by class id."""
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        values["class_thresholds"] = resolve_class_thresholds(config.class_thresholds, labels)
+        return cls(**values)
 
 
 # -- recognising the model's output ----------------------------------------------------------------
@@ -383,14 +387,7 @@ class ObjectDetector(VisionHandler):
     def load_assets(self, model_dir: Path) -> None:
         self.labels = load_archive_labels(model_dir, logger)
         cfg = self.config.detector
-        self.params = DetectionParams(
-            score_threshold=cfg.score_threshold,
-            class_thresholds=resolve_class_thresholds(cfg.class_thresholds, self.labels),
-            iou_threshold=cfg.iou_threshold,
-            class_agnostic=cfg.class_agnostic,
-            nms=cfg.nms,
-            max_detections=cfg.max_detections,
-        )
+        self.params = DetectionParams.resolve(cfg, self.labels)
         self.output_format = None if cfg.output_format == "auto" else cfg.output_format
 
     def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
