@@ -55,12 +55,18 @@ def wait_for(predicate, timeout: float, what: str, log=None):
     while time.monotonic() < deadline:
         try:
             value = predicate()
-        except (TorchServeError, OSError, KeyError):  # not up yet / not exported yet
+        # not up yet / not exported yet / a file caught while TorchServe rewrites it (ValueError: JSON)
+        except (TorchServeError, OSError, KeyError, ValueError):
             value = None
         if value:
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{log() if log else ''}")
+
+
+def read_keys(key_file: Path) -> dict:
+    """key_file.json once it is whole: TorchServe rewrites it in place when it renews a key."""
+    return wait_for(lambda: json.loads(key_file.read_text()), 10, f"{key_file} to be complete JSON")
 
 
 def check(*args: str) -> tuple[int, str]:
@@ -168,7 +174,7 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
         log = lambda: ctl_log.read_text() + "\n" + ts.log_tail(20)  # noqa: E731
         wait_for(lambda: exported(port).get("tsgpu_autoscale_ticks_total", 0) >= 1, 30, "the first tick", log)
 
-        inference_key = json.loads(key_file.read_text())["inference"]["key"]
+        inference_key = read_keys(key_file)["inference"]["key"]
         body = encode(mosaic(96, 96), "JPEG")
         trickle = [Load(ts.inference_url, m, inference_key, body, threads=1, pause=0.25) for m in ("hi", "lo")]
         heavy = Load(ts.inference_url, "hi", inference_key, body, threads=8)
@@ -208,13 +214,13 @@ def test_priority_autoscaling_against_real_torchserve(store, tmp_path):
         # 3. TorchServe restarts on the same ports with new keys that expire after 6 s
         ts.stop()
         wait_for(lambda: exported(port)["tsgpu_autoscale_torchserve_up"] == 0, 20, "the controller to see it down", log)
-        old_key = json.loads(key_file.read_text())["management"]["key"] if key_file.is_file() else None
+        old_key = read_keys(key_file)["management"]["key"] if key_file.is_file() else None
         ts = make_server(store, workdir, ports=_ports(ts), expiration_min=0.1)
         ts.start()
         # readiness as the controller reports it: this test must not renew the key itself
         wait_for(lambda: exported(port).get('tsgpu_autoscale_ready_workers{model="lo"}', 0) >= 2, 180,
                  "lo READY after the restart, seen by the controller", log)
-        first_key = json.loads(key_file.read_text())["management"]["key"]
+        first_key = read_keys(key_file)["management"]["key"]
         assert first_key != old_key
         restarted_at = exported(port)["tsgpu_autoscale_ticks_total"]
         # the key expires 6 s after start; the controller renews it with the API key and keeps ticking
