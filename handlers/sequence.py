@@ -133,7 +133,7 @@ class RequestStages:
                                        strict=True):
                 items[i] = fetched
             timer.add(FETCH, time.perf_counter() - started)
-        return [item for item in items if not isinstance(item, UrlInput)]  # none is left
+        return cast("list[bytes | RequestError]", items)  # every UrlInput was replaced by its fetch
 
     def decode(self, items: list[bytes | RequestError], start: int, timer: StageTimer) -> Produced:
         """Rows start.. after read -> their preprocessed batch (on the model's device) and errors."""
@@ -171,7 +171,3 @@ class RequestStages:
                 item_results = self.postprocess(outputs, produced.geometry(), timer)
         outcome.collect(produced, item_results)
         return outcome
-
-    def close(self) -> None:
-        if self._fetch_pool is not None:
-            self._fetch_pool.shutdown(wait=False)
