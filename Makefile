@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tsgpu-installed
 TEST_STAMP := $(VENV)/.tsgpu-test-installed
 
-.PHONY: demo test bench clean help prometheus-tools gpu-bundle
+.PHONY: demo test bench clean help prometheus-tools ffmpeg-libs gpu-bundle
 
 help:
 	@echo "make demo   - demo classifier end to end through a real torchserve"
@@ -36,6 +36,10 @@ CU12_DALI := nvidia-dali-cuda120 nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 nvidi
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip uninstall --quiet --yes $(CU12_DALI) 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev,dali]'
+	# Ultralytics (YOLO-seg/pose, RT-DETR built from their YAML prove the export formats): without its
+	# declared dependencies, whose opencv-python would shadow opencv-python-headless (both are cv2);
+	# what its import and export need is already here.
+	$(PY) -m pip install --quiet --no-deps 'ultralytics>=8.4,<8.5'
 	@touch $(TEST_STAMP)
 
 demo: $(STAMP)
@@ -48,7 +52,14 @@ prometheus-tools:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq prometheus >/dev/null || { apt-get update -qq && apt-get install -y -qq prometheus; }; \
 	  else echo "tests/deploy need promtool and prometheus: install the Debian package 'prometheus' (sudo apt-get install prometheus)"; exit 1; fi; }
 
-test: $(TEST_STAMP) prometheus-tools
+# FFmpeg's shared libraries for torchcodec (video archives): Debian's `ffmpeg` package, installed here
+# when running as root; otherwise stop and name the package. (PyAV's wheels bundle their own FFmpeg.)
+ffmpeg-libs:
+	@command -v ffmpeg >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq ffmpeg >/dev/null || { apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; }; \
+	  else echo "video tests need FFmpeg's libraries for torchcodec: install the Debian package 'ffmpeg' (sudo apt-get install ffmpeg)"; exit 1; fi; }
+
+test: $(TEST_STAMP) prometheus-tools ffmpeg-libs
 	TSGPU_REQUIRE_DALI=1 $(PY) -m pytest -q -rs tests
 
 # The bundle a GPU window installs (TorchServe's Python package without its Java frontend jar,

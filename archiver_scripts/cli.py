@@ -7,6 +7,8 @@
     tsgpu kserve --model-store DIR --output DIR                      KServe storage layout + InferenceService
     tsgpu autoscale --policy POLICY.yaml [--management URL] [...]  priority autoscaler beside torchserve
     tsgpu profile ARCHIVE.mar --images DIR [--batch-sizes 1,4,8]     per-stage time, bottleneck, recommendations
+    tsgpu batch ARCHIVE.mar --input IN --output OUT/ [...]           offline batch inference into Parquet
+    tsgpu annotate ARCHIVE.mar IMAGE... [--out DIR]                  draw boxes/masks on a few images
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ def _archive_parser(sub: argparse._SubParsersAction) -> None:
                    help="artifact: .pt2 (torch.export / AOTInductor / TensorRT), .pt (TorchScript) or a state dict; "
                         "repeat for artifacts from `tsgpu compile` for several devices (the worker picks one)")
     p.add_argument("--model-class", help="model.py:ClassName, for a state dict (eager mode)")
+    p.add_argument("--second-model", help="--task cascade: the second model's artifact, run on each kept box's crop")
+    p.add_argument("--second-task", choices=["image-embedding", "image-classification"],
+                   help="--task cascade: what the second model does (default: image-embedding; docs/tasks/cascade.md)")
     p.add_argument("--labels", help="index_to_name.json: {\"0\": \"name\", ...}")
-    p.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
+    p.add_argument("--media", default="image", choices=["image", "video"],
+                   help="what a request carries: image, or video (a clip; TorchServe batchSize 1, frames batched "
+                        "by handler.video.frame_batch; docs/video.md) (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="TorchServe batchSize (default 8; video archives: 1)")
     p.add_argument("--max-batch-delay", type=int, default=10, help="TorchServe maxBatchDelay in ms (default 10)")
     p.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
     p.add_argument("--response-timeout", type=int, default=120, help="seconds (default 120)")
@@ -120,7 +129,8 @@ def _run_archive(args: argparse.Namespace) -> int:
         model_class=args.model_class, labels=args.labels, batch_size=args.batch_size,
         max_batch_delay=args.max_batch_delay, workers=args.workers, config=args.config,
         handler_class=args.handler_class, extra_files=args.extra_files,
-        response_timeout=args.response_timeout, force=args.force,
+        response_timeout=args.response_timeout, force=args.force, media=args.media,
+        second_model=args.second_model, second_task=args.second_task,
     )
     return 0
 
@@ -212,6 +222,30 @@ def _run_autoscale(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _batch_parser(sub: argparse._SubParsersAction) -> None:
+    from offline.cli import add_batch_parser
+
+    add_batch_parser(sub)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from offline.cli import run_batch
+
+    return run_batch(args)
+
+
+def _annotate_parser(sub: argparse._SubParsersAction) -> None:
+    from offline.cli import add_annotate_parser
+
+    add_annotate_parser(sub)
+
+
+def _run_annotate(args: argparse.Namespace) -> int:
+    from offline.cli import run_annotate
+
+    return run_annotate(args)
+
+
 class Command(NamedTuple):
     """One `tsgpu` command: its name, the function adding its parser, and the one running it."""
 
@@ -228,6 +262,8 @@ COMMANDS = (
     Command("autoscale", _autoscale_parser, _run_autoscale),
     Command("kserve", _kserve_parser, _run_kserve),
     Command("profile", _profile_parser, _run_profile),
+    Command("batch", _batch_parser, _run_batch),
+    Command("annotate", _annotate_parser, _run_annotate),
 )
 
 

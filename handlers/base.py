@@ -52,6 +52,9 @@ def _import_torchserve_base() -> type:
 if TYPE_CHECKING:
     from ts.context import Context
     from ts.torch_handler.base_handler import BaseHandler
+
+    from .video.serve import VideoServer
+    from .video.summary import VideoSummary
 else:
     BaseHandler = _import_torchserve_base()
 logger = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ class VisionHandler(BaseHandler):
     task_defaults: Mapping[str, Any] = MappingProxyType({})
     #: How results become rows of the optional result table (handler.table); None = no table.
     table: TableSpec | None = None
+    #: Ask the preprocess backend for each item's full-resolution decoded image too (Batch.images,
+    #: PreprocessSpec.keep_images): a cascade crops its second stage from them (tasks/cascade.py).
+    keep_images: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +89,7 @@ class VisionHandler(BaseHandler):
         self.stage_clock = StageClock()  # per-stage metrics (handlers/stages.py)
         self._sequence = RequestStages(self)  # the stage functions (handlers/sequence.py)
         self._pipeline: Pipeline | None = None  # handler.pipeline.micro_batch > 0 (handlers/pipeline.py)
+        self._video: VideoServer | None = None  # handler.media: video (handlers/video/serve.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -102,6 +109,7 @@ class VisionHandler(BaseHandler):
         self._trimmer = MemoryTrimmer(self.config.malloc_trim_seconds)
         if self.config.model.warmup:
             self._warm_up(spec)
+        self._make_video(spec)
         _freeze_what_is_loaded()
         self.initialized = True
         self._log_ready(threads, decode_threads, time.perf_counter() - started)
@@ -145,6 +153,8 @@ class VisionHandler(BaseHandler):
         if spec.dtype != self.backbone.dtype:
             logger.info("preprocess dtype %s follows the model's %s", spec.dtype, self.backbone.dtype)
             spec = dataclasses.replace(spec, dtype=self.backbone.dtype)
+        if self.keep_images:
+            spec = dataclasses.replace(spec, keep_images=True)
         pipeline = self.config.pipeline
         self.preprocessor = create_preprocessor(
             self.config.preprocess.backend, spec, decode_threads, pipeline.decode_processes,
@@ -168,6 +178,21 @@ class VisionHandler(BaseHandler):
                 micro_batch, self.batch_size, least,
             )
         self._pipeline = Pipeline(micro_batch, self.device, self._sequence)
+
+    def _make_video(self, spec: PreprocessSpec) -> None:
+        """The video request path (handler.media: video): checked against the batch size and the
+        artifact, and warmed up on a synthetic frame batch."""
+        if self.config.media != "video":
+            return
+        from .video.serve import VideoServer
+
+        assert self.backbone is not None
+        video = VideoServer(self, spec)
+        video.check(self.batch_size, self.backbone.max_batch)
+        video.size_threads(self.config.threads, self.model_yaml_config)
+        if self.config.model.warmup:
+            video.warm_up()
+        self._video = video
 
     def _log_ready(self, threads: int, decode_threads: int, seconds: float) -> None:
         assert self.backbone is not None and self.preprocessor is not None
@@ -231,8 +256,10 @@ class VisionHandler(BaseHandler):
     # -- the request sequence (do not override) --------------------------------------------------
 
     def handle(self, data: list[Any], context: Context) -> list[str]:
-        timer = self.stage_clock.begin(len(data))
         self.context = context
+        if self._video is not None:  # handler.media: video: each row is a clip (handlers/video/serve.py)
+            return self._video.handle(data, context)
+        timer = self.stage_clock.begin(len(data))
         if self._pipeline is not None and len(data) > self._pipeline.micro_batch:
             outcome = self._pipeline.run(data, timer)
         else:
@@ -276,6 +303,13 @@ class VisionHandler(BaseHandler):
     def postprocess(self, outputs: Any, geometry: list[Geometry]) -> list[Any]:
         """Model outputs for the batch -> one JSON-serialisable result (or RequestError) per row."""
         raise NotImplementedError(f"{type(self).__name__} must implement postprocess(outputs, geometry)")
+
+    def video_summary(self) -> VideoSummary:
+        """Hook: a fresh per-clip summary accumulator for one video request (handlers/video/summary.py).
+        Default: an empty summary `{}`; each built-in task returns its own."""
+        from .video.summary import NoSummary
+
+        return NoSummary()
 
     #: The result-table stage (handler.table, handlers/tables.py); None while it is off.
     _table: TableStage | None = None

@@ -15,6 +15,7 @@ module adds its own by subclassing it.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import yaml
 from .errors import ConfigError
 from .fetch import UrlConfig
 from .preprocess.registry import BACKEND_CHOICES
+from .video.config import VideoConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +36,7 @@ MODEL_FORMATS = ("auto", "torchscript", "exported_program", "aoti", "eager")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 DTYPES = ("float32", "float16", "bfloat16")
 GEOMETRY_MODES = ("center_crop", "letterbox", "stretch")
+MEDIA = ("image", "video")
 
 
 class ImageSize(tuple):
@@ -212,8 +215,14 @@ class HandlerConfig:
     table: TableConfig = field(default_factory=TableConfig)
     url: UrlConfig = field(default_factory=UrlConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    media: str = "image"
+    """What a request carries: image (one image) | video (a clip; handlers/video/serve.py, docs/video.md)."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """`handler.video` (handlers/video/config.py): decoder, frame batch, sampling, limits; read when
+    media is video."""
 
     def validate(self, path: str) -> None:
+        check_choice(self.media, MEDIA, f"{path}.media")
         if self.threads < 0:
             raise ConfigError(f"{path}.threads: must be >= 0, got {self.threads}")
         if self.malloc_trim_seconds < 0:
@@ -314,6 +323,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not issubclass(hint, HandlerConfig) and hasattr(hint, "from_mapping"):
+            return hint.from_mapping(value if value is not None else {}, path)  # a section that parses itself
         return _build(hint, value if value is not None else {}, path)
     if hint is ImageSize:
         return _image_size(value, path)
@@ -344,6 +355,15 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return tuple(_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if typing.get_origin(hint) is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        # `X | None`: YAML's null (or ~) leaves it unset, anything else must be an X.
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(inner, value, path)
     raise TypeError(f"config field {path} has an unsupported type {hint!r}")  # our bug, not user's
 
 

@@ -1,6 +1,6 @@
-"""Image URLs as input: concurrent, bounded downloads that cannot be pointed at the private network.
+"""URLs as input: concurrent, bounded downloads that cannot be pointed at the private network.
 
-A request may carry `{"url": "https://..."}` instead of image bytes. Fetching a caller-chosen URL
+A request may carry `{"url": "https://..."}` instead of image (or, for a video archive, clip) bytes. Fetching a caller-chosen URL
 from inside a data centre is the classic server-side request forgery (SSRF), so every hop is
 checked:
 
@@ -14,10 +14,12 @@ checked:
   certificate verification;
 - redirects are followed by hand, each hop checked the same way, at most `max_redirects`;
 - connect, read and total timeouts; the body is read in chunks and abandoned past `max_bytes`;
-  a non-image content type is refused.
+  a content type outside the caller's media is refused: `IMAGE` (the default: image/*) or `VIDEO`
+  (video/*, for handlers/video/serve.py), each also taking application/octet-stream and a response
+  without a content type.
 
 Each failure is a RequestError for that item only: 400 malformed or upstream error, 403 refused,
-408 timeout, 413 too large, 415 not an image, 504 total deadline passed.
+408 timeout, 413 too large, 415 not an image / not a video, 504 total deadline passed.
 """
 
 from __future__ import annotations
@@ -56,8 +58,32 @@ _ALWAYS_REFUSED = (
 
 
 @dataclass(frozen=True)
+class MediaTypes:
+    """The content types a caller accepts from a URL, and how errors name them."""
+
+    noun: str
+    """What the caller expects, for 415 messages: "an image"."""
+    prefixes: tuple[str, ...]
+    """Accepted type families ("image/")."""
+    exact: tuple[str, ...] = ("application/octet-stream", "binary/octet-stream")
+    """Accepted types besides the families: untyped binary."""
+    accept: str = "*/*"
+    """The request's Accept header."""
+
+    def allows(self, content_type: str) -> bool:
+        return content_type.startswith(self.prefixes) or content_type in self.exact
+
+
+IMAGE = MediaTypes("an image", ("image/",), accept="image/*")
+"""Image URLs (the image tasks' path)."""
+VIDEO = MediaTypes("a video", ("video/",), exact=("application/octet-stream", "binary/octet-stream", "application/mp4"),
+                   accept="video/*")
+"""Video clip URLs (video archives, handlers/video/serve.py); application/mp4 is MP4's other registered type."""
+
+
+@dataclass(frozen=True)
 class UrlConfig:
-    """`handler.url`: which image URLs a model may fetch, and how."""
+    """`handler.url`: which URLs (images, or clips for a video archive) a model may fetch, and how."""
 
     enabled: bool = True
     allowed_schemes: tuple[str, ...] = ("https", "http")
@@ -132,12 +158,12 @@ def refusal_reason(address: IPAddress, cfg: UrlConfig) -> str | None:
     return None
 
 
-def fetch_url(url: str, cfg: UrlConfig) -> bytes:
-    """Download one image URL under `cfg`'s rules; raises a RequestError for that item."""
+def fetch_url(url: str, cfg: UrlConfig, media: MediaTypes = IMAGE) -> bytes:
+    """Download one URL of `media` (default: an image) under `cfg`'s rules; raises a RequestError for that item."""
     deadline = time.monotonic() + cfg.total_timeout
     current = url
     for _hop in range(cfg.max_redirects + 1):
-        status, headers, body = _request(current, cfg, deadline)
+        status, headers, body = _request(current, cfg, deadline, media)
         if status in _REDIRECTS:
             location = headers.get("location")
             if not location:
@@ -150,7 +176,8 @@ def fetch_url(url: str, cfg: UrlConfig) -> bytes:
     raise InvalidInput(f"{_short(url)}: more than {cfg.max_redirects} redirects (handler.url.max_redirects)")
 
 
-def fetch_all(urls: list[str], cfg: UrlConfig, pool: ThreadPoolExecutor | None = None) -> list[bytes | RequestError]:
+def fetch_all(urls: list[str], cfg: UrlConfig, pool: ThreadPoolExecutor | None = None,
+              media: MediaTypes = IMAGE) -> list[bytes | RequestError]:
     """Fetch every URL concurrently; one result (bytes or the item's RequestError) per URL, in order.
 
     Pass a long-lived `pool` from a server: creating threads for every batch costs time and lets
@@ -158,7 +185,7 @@ def fetch_all(urls: list[str], cfg: UrlConfig, pool: ThreadPoolExecutor | None =
     """
     def one(url: str) -> bytes | RequestError:
         try:
-            return fetch_url(url, cfg)
+            return fetch_url(url, cfg, media)
         except RequestError as err:
             return err.detach()
 
@@ -173,7 +200,7 @@ def fetch_all(urls: list[str], cfg: UrlConfig, pool: ThreadPoolExecutor | None =
 # --- one hop ------------------------------------------------------------------------------------
 
 
-def _request(url: str, cfg: UrlConfig, deadline: float) -> tuple[int, dict[str, str], bytes]:
+def _request(url: str, cfg: UrlConfig, deadline: float, media: MediaTypes) -> tuple[int, dict[str, str], bytes]:
     scheme, host, port, target = _parse(url, cfg)
     address = _checked_address(host, port, cfg)
     conn = _connection(scheme, host, port, address, cfg)
@@ -188,7 +215,8 @@ def _request(url: str, cfg: UrlConfig, deadline: float) -> tuple[int, dict[str, 
         sock = conn.sock  # kept: http.client drops conn.sock once a "Connection: close" response arrives
         sock.settimeout(_remaining(deadline, cfg.read_timeout, url))
         try:
-            conn.request("GET", target, headers={"User-Agent": _USER_AGENT, "Accept": "image/*", "Connection": "close"})
+            conn.request("GET", target, headers={"User-Agent": _USER_AGENT, "Accept": media.accept,
+                                                "Connection": "close"})
             response = conn.getresponse()
         except socket.timeout:
             raise RequestTimeout(f"{host} did not answer within {cfg.read_timeout:g}s") from None
@@ -197,7 +225,7 @@ def _request(url: str, cfg: UrlConfig, deadline: float) -> tuple[int, dict[str, 
         headers = {k.lower(): v for k, v in response.getheaders()}
         if response.status in _REDIRECTS or not 200 <= response.status < 300:
             return response.status, headers, b""
-        _check_headers(url, headers, cfg)
+        _check_headers(url, headers, cfg, media)
         return response.status, headers, _read_body(response, sock, url, cfg, deadline)
     finally:
         conn.close()
@@ -277,10 +305,10 @@ def _connection(scheme: str, host: str, port: int, address: IPAddress, cfg: UrlC
     return _PinnedHTTPConnection(host, port, address, cfg.connect_timeout)
 
 
-def _check_headers(url: str, headers: dict[str, str], cfg: UrlConfig) -> None:
+def _check_headers(url: str, headers: dict[str, str], cfg: UrlConfig, media: MediaTypes) -> None:
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type and not (content_type.startswith("image/") or content_type in ("application/octet-stream", "binary/octet-stream")):
-        raise UnsupportedMediaType(f"{_short(url)} is {content_type}, not an image")
+    if content_type and not media.allows(content_type):
+        raise UnsupportedMediaType(f"{_short(url)} is {content_type}, not {media.noun}")
     length = headers.get("content-length", "")
     if length.isdigit() and int(length) > cfg.max_bytes:
         raise PayloadTooLarge(f"{_short(url)} is {length} bytes; at most {cfg.max_bytes} (handler.url.max_bytes)")

@@ -91,6 +91,9 @@ class AcceleratedPreprocessor:
     name = "accelerated"
     ACCEPTED: dict[str, tuple[str, ...]] = {}
     """Format -> the Pillow modes of it that the backend's decoder turns into RGB like Pillow."""
+    KEEPS_IMAGES = False
+    """Whether `accelerate` can hand back its decoded images (`kept`) for spec.keep_images; a backend
+    that cannot sends every item to the CPU path when they are asked for."""
 
     def __init__(
         self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
@@ -101,10 +104,15 @@ class AcceleratedPreprocessor:
         self.fallback = CpuPreprocessor(spec, threads, processes, decode_timeout_s)
         self.fallback_items = 0  # items that took the CPU path (tests and logs read it)
         self.failed_batches = 0  # batches the backend failed as a whole
+        self.kept: list[torch.Tensor] = []
+        """spec.keep_images: `accelerate` leaves here the decoded image (uint8 [3, H, W], oriented,
+        on the device) of each row it returned, in row order."""
 
     # -- hooks -----------------------------------------------------------------------------------
 
     def accepts(self, plan: Plan) -> bool:
+        if self.spec.keep_images and not self.KEEPS_IMAGES:
+            return False
         if plan.mode not in self.ACCEPTED.get(plan.format, ()):
             return False
         if plan.orientation is None:
@@ -134,6 +142,7 @@ class AcceleratedPreprocessor:
         n = len(items)
         geometry: list[Geometry | None] = [None] * n
         errors: list[RequestError | None] = [None] * n
+        images: list[torch.Tensor | None] = [None] * n
         fast: list[int] = []
         plans: list[Plan] = []
         slow: list[int] = []
@@ -151,6 +160,7 @@ class AcceleratedPreprocessor:
 
         parts: list[tuple[list[int], torch.Tensor]] = []
         if fast:
+            self.kept = []
             try:
                 rows, failed = self.accelerate([items[i] for i in fast], plans)
             except Exception as exc:  # a backend failing a whole batch must not fail the request
@@ -168,6 +178,10 @@ class AcceleratedPreprocessor:
                     geometry[i] = plans[k].geometry
             if done:
                 parts.append((done, self._check_rows(rows, len(done))))
+                if self.spec.keep_images:
+                    for i, image in zip(done, self._check_kept(len(done)), strict=True):
+                        images[i] = image
+            self.kept = []
             slow = sorted(slow + [fast[k] for k in failed])
 
         if slow:
@@ -175,11 +189,23 @@ class AcceleratedPreprocessor:
             cpu = self.fallback.run([items[i] for i in slow])
             for k, i in enumerate(slow):
                 geometry[i], errors[i] = cpu.geometry[k], cpu.errors[k]
+                if cpu.images:
+                    images[i] = cpu.images[k]
             if cpu.tensor is not None:
                 parts.append(([slow[k] for k in cpu.rows], cpu.tensor))
 
         rows_all = sorted(i for indices, _ in parts for i in indices)
-        return Batch(tensor=self._assemble(parts, rows_all), rows=rows_all, geometry=geometry, errors=errors)
+        return Batch(tensor=self._assemble(parts, rows_all), rows=rows_all, geometry=geometry, errors=errors,
+                     images=images if self.spec.keep_images else [])
+
+    def _check_kept(self, expected: int) -> list[torch.Tensor]:
+        """`accelerate`'s kept images (spec.keep_images), checked: one per row it returned."""
+        if len(self.kept) != expected:
+            raise BackendContractError(
+                f"the {self.name} backend kept {len(self.kept)} decoded images for {expected} rows "
+                f"(with spec.keep_images, accelerate() must leave one image per row in `kept`)"
+            )
+        return self.kept
 
     def _check_rows(self, rows: torch.Tensor | None, expected: int) -> torch.Tensor:
         """`accelerate`'s rows, checked against the contract: one row per item it did not fail."""

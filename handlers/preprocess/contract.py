@@ -66,6 +66,10 @@ class PreprocessSpec:
     """Largest batch run() will be given (TorchServe's batchSize); larger ones are split."""
     hw_decoder_load: float = 0.65
     gpu_cache_limit_mb: int = 256
+    keep_images: bool = False
+    """Also return each item's decoded image (`Batch.images`): EXIF-oriented RGB uint8 [3, H, W] at
+    full resolution on `device`, decoded once with the model input made from it (no JPEG draft
+    decoding). A cascade crops its second stage from them (handlers/tasks/cascade.py)."""
 
     @classmethod
     def from_config(
@@ -141,6 +145,9 @@ class Batch:
     rows: list[int]
     geometry: list[Geometry | None]
     errors: list[RequestError | None]
+    images: list[torch.Tensor | None] = field(default_factory=list)
+    """With `spec.keep_images`: per input item its decoded image (uint8 [3, H, W] on the device,
+    oriented, full resolution; None for a failed item). Empty otherwise."""
 
 
 class Preprocessor(Protocol):

@@ -22,7 +22,9 @@ it (the default) the mean absolute difference stays under 0.02 and the max under
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import RequestError
+from ..errors import ConfigError, RequestError
 from .contract import Batch, Normaliser, PreprocessSpec
 from .geometry import Geometry
 from .host.decode import decode_into, resample_filter
@@ -66,6 +68,12 @@ class CpuPreprocessor:
         self.spec = spec
         self.threads = max(1, threads)
         self.processes = max(0, processes)
+        if spec.keep_images and self.processes:
+            raise ConfigError(
+                "handler.pipeline.decode_processes: a cascade keeps each decoded image in the worker "
+                f"(preprocess keep_images), which decode processes cannot hand back; set it to 0 "
+                f"(got {self.processes})"
+            )
         self._resample = resample_filter(spec.interpolation)
         self._normaliser = Normaliser(spec, spec.dtype)  # constants in the output dtype
         self._buffer = torch.empty((0, *spec.size, 3), dtype=torch.uint8)
@@ -92,17 +100,19 @@ class CpuPreprocessor:
     def run(self, items: list[bytes]) -> Batch:
         n = len(items)
         buffer = self._ensure_buffer(n)
+        kept: list[np.ndarray | None] | None = [None] * n if self.spec.keep_images else None
         if self._decoders is not None:
             results = self._decoders.decode(items)
             buffer = self._stage(buffer, n)
         else:
-            results = self._decode_in_threads(items, buffer.numpy())
+            results = self._decode_in_threads(items, buffer.numpy(), kept)
 
         geometry: list[Geometry | None] = [r if isinstance(r, Geometry) else None for r in results]
         errors: list[RequestError | None] = [r if isinstance(r, RequestError) else None for r in results]
         rows = [i for i, g in enumerate(geometry) if g is not None]
         tensor = self._normalise(buffer, rows) if rows else None
-        return Batch(tensor=tensor, rows=rows, geometry=geometry, errors=errors)
+        images = self._upload_images(kept, geometry) if kept is not None else []
+        return Batch(tensor=tensor, rows=rows, geometry=geometry, errors=errors, images=images)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -118,10 +128,13 @@ class CpuPreprocessor:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _decode_in_threads(self, items: list[bytes], slots: np.ndarray) -> list[Geometry | RequestError]:
+    def _decode_in_threads(
+        self, items: list[bytes], slots: np.ndarray, kept: list[np.ndarray | None] | None = None,
+    ) -> list[Geometry | RequestError]:
         def work(i: int) -> Geometry | RequestError:
+            keep = None if kept is None else functools.partial(kept.__setitem__, i)
             try:
-                return decode_into(items[i], self.spec, self._resample, slots[i])
+                return decode_into(items[i], self.spec, self._resample, slots[i], keep)
             except RequestError as err:
                 return err.detach()
 
@@ -129,6 +142,21 @@ class CpuPreprocessor:
         if self._pool is not None and n > 1:
             return list(self._pool.map(work, range(n)))
         return [work(i) for i in range(n)]
+
+    def _upload_images(self, kept: list[np.ndarray | None], geometry: list[Geometry | None]) -> list[torch.Tensor | None]:
+        """keep_images: each decoded item's full image as uint8 [3, H, W] on the device (one upload
+        of the HWC pixels, then a view; on a CPU device no copy at all)."""
+        images: list[torch.Tensor | None] = []
+        for array, g in zip(kept, geometry, strict=True):
+            if array is None or g is None:
+                images.append(None)
+                continue
+            with warnings.catch_warnings():
+                # Pillow hands back a read-only array; the image is only ever read.
+                warnings.simplefilter("ignore", UserWarning)
+                hwc = torch.from_numpy(array)
+            images.append(hwc.to(self.spec.device).permute(2, 0, 1))
+        return images
 
     def _wait_for_upload(self) -> None:
         """Block until the last upload has read the host buffer (before it is overwritten or freed)."""

@@ -45,6 +45,7 @@ def create(spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeou
 class CvcudaPreprocessor(AcceleratedPreprocessor):
     name = NAME
     ACCEPTED = _ACCEPTED
+    KEEPS_IMAGES = True  # spec.keep_images: nvImageCodec's oriented HWC images, viewed as CHW (unverified)
 
     def __init__(
         self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
@@ -81,6 +82,8 @@ class CvcudaPreprocessor(AcceleratedPreprocessor):
         failed = [k for k, image in enumerate(images) if image is None]
         if not ok:
             return None, failed
+        if self.spec.keep_images:  # UNVERIFIED on a GPU: __cuda_array_interface__, no copy
+            self.kept = [torch.as_tensor(images[k], device=self.spec.device).permute(2, 0, 1) for k in ok]
         height, width = self.spec.size
         out = torch.empty((len(ok), height, width, 3), dtype=torch.float32, device=self.spec.device)
         letterbox = self.spec.geometry == "letterbox"

@@ -70,6 +70,7 @@ def orient(image: torch.Tensor, turn: int) -> torch.Tensor:
 class TorchvisionPreprocessor(AcceleratedPreprocessor):
     name = NAME
     ACCEPTED = {"JPEG": ("RGB", "L"), "MPO": ("RGB", "L")}  # orientation is applied in `orient`
+    KEEPS_IMAGES = True  # spec.keep_images: the oriented nvJPEG output of each row
 
     def __init__(
         self, spec: PreprocessSpec, threads: int, processes: int = 0, decode_timeout_s: float = 10.0,
@@ -93,7 +94,10 @@ class TorchvisionPreprocessor(AcceleratedPreprocessor):
         if self.spec.geometry == "letterbox":
             out.fill_(float(self.spec.pad_value))
         for row, k in enumerate(ok):
-            self._resize_into(orient(images[k], plans[k].orientation or 1), plans[k], out[row])
+            image = orient(images[k], plans[k].orientation or 1)
+            self._resize_into(image, plans[k], out[row])
+            if self.spec.keep_images:
+                self.kept.append(image)
         return self.normalise(out), failed
 
     def _decode(self, items: list[bytes]) -> list[torch.Tensor | None]:

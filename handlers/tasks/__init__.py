@@ -10,6 +10,9 @@ columns (`table`, a `handlers.tables.TableSpec`). Registering it here is one lin
     detector.py    ObjectDetector      --task object-detection
     segmenter.py   SemanticSegmenter   --task semantic-segmentation
     embedder.py    ImageEmbedder       --task image-embedding
+    instances.py   InstanceSegmenter   --task instance-segmentation (boxes + COCO RLE masks per object)
+    keypoints.py   KeypointDetector    --task keypoints (boxes + points per object)
+    cascade.py     Cascade             --task cascade (detector + embedder/classifier on device crops)
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ TASK_HANDLERS: dict[str, str] = {
     "object-detection": "handlers.tasks.detector:ObjectDetector",
     "semantic-segmentation": "handlers.tasks.segmenter:SemanticSegmenter",
     "image-embedding": "handlers.tasks.embedder:ImageEmbedder",
+    "instance-segmentation": "handlers.tasks.instances:InstanceSegmenter",
+    "keypoints": "handlers.tasks.keypoints:KeypointDetector",
+    "cascade": "handlers.tasks.cascade:Cascade",
 }
 
 

@@ -29,6 +29,7 @@ from ..config import HandlerConfig, check_positive
 from ..labels import load_archive_labels
 from ..preprocess import Geometry
 from ..tables import TableSpec
+from ..video.summary import ClassificationSummary, VideoSummary
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +83,7 @@ class ImageClassifier(VisionHandler):
                 ]
             })
         return results
+
+    def video_summary(self) -> VideoSummary:
+        """A clip's summary: top-k of the mean probability over its frames (handlers/video/summary.py)."""
+        return ClassificationSummary(self.labels, self.config.classifier.top_k)

@@ -31,6 +31,7 @@ from ..base import VisionHandler
 from ..config import HandlerConfig, check_choice
 from ..errors import ModelLoadError
 from ..preprocess import Geometry
+from ..video.summary import EmbeddingSummary, VideoSummary
 
 _DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2")}
 _SHAPE_HINT = (
@@ -99,3 +100,10 @@ class ImageEmbedder(VisionHandler):
                 f"shape {tuple(x.shape)}; {_SHAPE_HINT}"
             )
         return x
+
+    def video_summary(self) -> VideoSummary:
+        """A clip's summary: the L2-normalised mean of its frame vectors, in this task's encoding;
+        frames keep their own vectors only with handler.video.per_frame_embeddings."""
+        cfg = self.config.embedder
+        return EmbeddingSummary(self.vectors, cfg.normalize, cfg.dtype, cfg.encoding,
+                                self.config.video.per_frame_embeddings)

@@ -57,6 +57,8 @@ from ..config import HandlerConfig, check_choice
 from ..errors import ConfigError, ModelLoadError
 from ..labels import load_archive_labels
 from ..preprocess import Geometry
+from ..video.summary import SegmentationSummary, VideoSummary
+from .masks import coco_mask
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +73,7 @@ _SHAPE_HINT = (
 
 
 def _coco_mask() -> ModuleType:
-    try:
-        from pycocotools import mask
-    except ImportError as exc:  # a core dependency, but a hand-made environment may lack it
-        raise ModelLoadError(
-            "semantic segmentation needs pycocotools for its RLE masks: pip install pycocotools"
-        ) from exc
-    return mask
+    return coco_mask("semantic segmentation")
 
 
 @dataclass(frozen=True)
@@ -202,6 +198,10 @@ class SemanticSegmenter(VisionHandler):
 
     def _class(self, class_id: int, area: int) -> dict[str, Any]:
         return {"class_id": class_id, "label": self.labels.get(class_id, str(class_id)), "area": area}
+
+    def video_summary(self) -> VideoSummary:
+        """A clip's summary: per class, frames present and mean area (handlers/video/summary.py)."""
+        return SegmentationSummary()
 
 
 def no_class(classes: int) -> int:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import handlers.fetch as fetch
 from handlers.config import HandlerConfig
 from handlers.errors import ConfigError, Forbidden, InvalidInput, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from handlers.fetch import UrlConfig, fetch_all, fetch_url, refusal_reason
+from handlers.fetch import IMAGE, VIDEO, UrlConfig, fetch_all, fetch_url, refusal_reason
 from tests.helpers import ORIGIN_JPEG as JPEG
 from tests.helpers import OriginHandler, image_origin
 
@@ -178,3 +180,66 @@ def test_handler_serves_urls_and_refuses_by_default(origin, model_dir):
     handler, ctx = make({"enabled": False})
     (r,) = run_handler(handler, ctx, [json_request({"url": f"{origin}/img.jpg"})])
     assert r.status == 400 and "does not accept image URLs" in r.body["message"]
+
+
+# --- media types: the caller says what it accepts (images by default, clips for video archives) -----------
+
+CLIP = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8  # the bytes only travel; nothing decodes them
+
+
+class MediaOrigin(BaseHTTPRequestHandler):
+    """/<type with '/' as '_'> answers CLIP with that Content-Type ('none': without one); records Accept."""
+
+    accepts: list[str] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        type(self).accepts.append(self.headers.get("Accept", ""))
+        content_type = self.path.strip("/").replace("_", "/")
+        self.send_response(200)
+        if content_type != "none":
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(CLIP)))
+        self.end_headers()
+        self.wfile.write(CLIP)
+
+
+@pytest.fixture(scope="module")
+def media_origin():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MediaOrigin)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("content_type", ["video_mp4", "video_webm", "video_quicktime", "application_mp4",
+                                          "application_octet-stream", "none"])
+def test_video_urls_are_fetched_with_video_types(media_origin, content_type):
+    MediaOrigin.accepts.clear()
+    assert fetch_url(f"{media_origin}/{content_type}", ALLOW, VIDEO) == CLIP
+    assert MediaOrigin.accepts == ["video/*"]
+
+
+def test_each_media_refuses_the_others_types_in_its_own_words(media_origin):
+    with pytest.raises(UnsupportedMediaType, match=r"/image_jpeg is image/jpeg, not a video$") as err:
+        fetch_url(f"{media_origin}/image_jpeg", ALLOW, VIDEO)
+    assert err.value.code == 415
+    with pytest.raises(UnsupportedMediaType, match="is text/html, not a video"):
+        fetch_url(f"{media_origin}/text_html", ALLOW, VIDEO)
+    # the image path is unchanged: the default media, image/* asked for, video refused as "not an image"
+    MediaOrigin.accepts.clear()
+    with pytest.raises(UnsupportedMediaType, match=r"/video_mp4 is video/mp4, not an image$"):
+        fetch_url(f"{media_origin}/video_mp4", ALLOW)
+    with pytest.raises(UnsupportedMediaType, match="is application/mp4, not an image"):
+        fetch_url(f"{media_origin}/application_mp4", ALLOW, IMAGE)
+    assert fetch_url(f"{media_origin}/image_png", ALLOW) == CLIP
+    assert MediaOrigin.accepts == ["image/*"] * 3
+
+
+def test_fetch_all_passes_the_media_on(media_origin):
+    got = fetch_all([f"{media_origin}/video_mp4", f"{media_origin}/image_png"], ALLOW, media=VIDEO)
+    assert got[0] == CLIP
+    assert isinstance(got[1], UnsupportedMediaType) and "not a video" in str(got[1])

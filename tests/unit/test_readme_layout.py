@@ -1,5 +1,6 @@
 """The README's Layout block names every room of the tree: each top-level folder, and each module of
-handlers/, handlers/tasks/, handlers/preprocess/, archiver_scripts/, autoscaler/ and benchmarks/.
+handlers/, handlers/tasks/, handlers/preprocess/, handlers/video/, archiver_scripts/, autoscaler/, offline/
+and benchmarks/.
 A module added without a line there fails here (a simple name check, not a parse of the tree)."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULE_DIRS = ["handlers", "handlers/tasks", "handlers/preprocess", "archiver_scripts", "autoscaler", "benchmarks"]
+MODULE_DIRS = ["handlers", "handlers/tasks", "handlers/preprocess", "handlers/video", "archiver_scripts", "autoscaler",
+               "offline", "offline/engines", "benchmarks"]
 
 
 def layout_block() -> str:
@@ -39,6 +41,6 @@ def test_every_module_is_in_the_layout():
     block = layout_block()
     missing = [f"{d}/{p.name}" for d in MODULE_DIRS for p in sorted((ROOT / d).glob("*.py"))
                if p.name != "__init__.py" and not re.search(rf"(?<![\w.]){re.escape(p.name)}\b", block)]
-    missing += [f"{d}/{p.name}/" for d in ("handlers", "handlers/preprocess") for p in sorted((ROOT / d).iterdir())
+    missing += [f"{d}/{p.name}/" for d in ("handlers", "handlers/preprocess", "offline") for p in sorted((ROOT / d).iterdir())
                 if (p / "__init__.py").exists() and f"{p.name}/" not in block]
     assert not missing, f"README Layout lacks these modules: {missing}"

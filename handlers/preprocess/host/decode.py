@@ -16,6 +16,7 @@ projection `DecodeSpec`, the plain data a decode process is sent.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -156,16 +157,21 @@ def open_image(data: bytes, spec: DecodeSettings) -> Image.Image:
     return image
 
 
-def decode_into(data: bytes, spec: DecodeSettings, resample: Image.Resampling, out: np.ndarray) -> Geometry:
+def decode_into(
+    data: bytes, spec: DecodeSettings, resample: Image.Resampling, out: np.ndarray,
+    keep: Callable[[np.ndarray], None] | None = None,
+) -> Geometry:
     """Decode one encoded image and write its preprocessed crop (H, W, 3 uint8) into `out`.
 
-    Raises a RequestError subclass for anything wrong with the bytes; never anything else for bad
-    input (the fuzz tests hold it to that).
+    With `keep`, the image is decoded at full resolution (no draft) and `keep` is given it as
+    decoded (oriented RGB, H x W x 3 uint8) before the crop is resized from it (PreprocessSpec's
+    keep_images). Raises a RequestError subclass for anything wrong with the bytes; never anything
+    else for bad input (the fuzz tests hold it to that).
     """
     with open_image(data, spec) as image:
         fmt = image.format or ""
         try:
-            return _decode_checked(image, fmt, spec, resample, out)
+            return _decode_checked(image, fmt, spec, resample, out, keep)
         except RequestError:
             raise
         except Image.DecompressionBombError as exc:
@@ -175,11 +181,12 @@ def decode_into(data: bytes, spec: DecodeSettings, resample: Image.Resampling, o
 
 
 def _decode_checked(
-    image: Image.Image, fmt: str, spec: DecodeSettings, resample: Image.Resampling, out: np.ndarray
+    image: Image.Image, fmt: str, spec: DecodeSettings, resample: Image.Resampling, out: np.ndarray,
+    keep: Callable[[np.ndarray], None] | None = None,
 ) -> Geometry:
     stored = image.size  # full resolution, as stored (draft decoding makes image.size smaller)
     content: tuple[float, float] = stored  # the original's extent in decoded pixels
-    if spec.jpeg_draft and fmt in ("JPEG", "MPO"):
+    if spec.jpeg_draft and keep is None and fmt in ("JPEG", "MPO"):
         # A JPEG's EXIF is parsed at open, so the plan (and the draft scale) can precede decoding.
         scale = draft_scale(_plan_oriented(image, stored, fmt, spec)[1], spec.draft_min_ratio)
         if scale < 0.5:  # libjpeg can reduce by 2, 4 or 8 at least; draft picks the largest that fits
@@ -198,6 +205,8 @@ def _decode_checked(
         if turn >= 5:
             content = (content[1], content[0])
     image = _to_rgb(image)
+    if keep is not None:
+        keep(np.asarray(image))
 
     # Resize only the region the model sees, straight to its size in the model input. The decoded
     # image may be smaller than the original (draft): take the region in its pixels.
