@@ -33,12 +33,12 @@ $(STAMP): pyproject.toml
 # delete the CUDA 13 files.
 CU12_DALI := nvidia-dali-cuda120 nvidia-nvimgcodec-cu12 nvidia-nvjpeg-cu12 nvidia-nvjpeg2k-cu12 \
 	nvidia-nvtiff-cu12 nvidia-libnvcomp-cu12
+# Ultralytics (YOLO-seg/pose and RT-DETR built from their YAML prove the export formats) goes in without its
+# declared dependencies: its opencv-python would shadow opencv-python-headless (both are cv2), and what its
+# import and export need is already installed.
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip uninstall --quiet --yes $(CU12_DALI) 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev,dali]'
-	# Ultralytics (YOLO-seg/pose, RT-DETR built from their YAML prove the export formats): without its
-	# declared dependencies, whose opencv-python would shadow opencv-python-headless (both are cv2);
-	# what its import and export need is already here.
 	$(PY) -m pip install --quiet --no-deps 'ultralytics>=8.4,<8.5'
 	@touch $(TEST_STAMP)
 
