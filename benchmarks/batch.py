@@ -16,7 +16,11 @@ Throughput is the marginal images/s: each batch job runs twice, on the first hal
 on all of them, and images/s = (the half's count) / (the difference of the two wall times), which
 leaves out what every run pays once (Ray or worker start-up, model loading, planning). For (b) the
 server is started and warmed up first, and images/s is one pass of all images over its wall time.
-The end-to-end wall time of the full run is printed beside it. The accuracy contract: (b) must answer
+The end-to-end wall time of the full run is printed beside it. On a busy host the start-up of a
+job can vary by more than the half's run time; that round's marginal is then nan (left out of the
+median). So (a) and (d) also report their steady images/s, from the job's own per-batch progress
+(first batch to last; start-up excluded as (b)'s warm server excludes its own), and (a)'s steady
+images/s over (b)'s and (c)'s images/s. The accuracy contract: (b) must answer
 the bodies of (a) byte for byte; (c)'s and (d)'s top-1 class must match (a)'s (the share that does is
 printed; random weights make top-1 sensitive to any pixel difference in preprocessing).
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import platform
 import queue
@@ -62,6 +67,7 @@ class Result:
     top1: dict[str, int] = field(default_factory=dict)
     bodies: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    steady: float = float("nan")  # (a), (d): images/s from the job's own progress, start-up excluded
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -133,39 +139,52 @@ def top1_from_parts(out: Path) -> tuple[dict[str, int], dict[str, str]]:
 
 
 def run_tsgpu(engine: str, archive: Path, files: list[Path], workdir: Path, args: argparse.Namespace
-              ) -> tuple[float, dict[str, int], dict[str, str]]:
-    """One `tsgpu batch` job over `files`: (wall seconds, top-1 by name, body by name)."""
+              ) -> tuple[float, dict[str, int], dict[str, str], float]:
+    """One `tsgpu batch` job over `files`: (wall seconds, top-1 by name, body by name, steady images/s).
+
+    Steady images/s: the rows answered after the job's first batch over the time from that batch
+    to the last one, from the job's own per-batch progress: start-up (processes or actors,
+    imports, loading the archive) left out, as (b)'s warm server leaves out its start-up. A worker
+    still loading when the first batch of another is done counts against it (conservative)."""
     from offline.job import InputRef, finish, plan_job, prepare_output
 
     out = workdir / f"out-{engine}-{len(files)}"
-    shard_size = max(args.batch_size, -(-len(files) // (args.workers * 4)))  # ~4 shards per worker
     refs = [InputRef(str(f.resolve()), "file") for f in files]
     started = time.perf_counter()
-    job, shards = plan_job(archive, refs, out, batch_size=args.batch_size, shard_size=shard_size,
-                           workers=args.workers)
+    # the default shard size (offline.job.default_shard_size: ~4 shards per worker), as a user gets it
+    job, shards = plan_job(archive, refs, out, batch_size=args.batch_size, workers=args.workers)
     prepare_output(job, shards, overwrite=True)
+    marks: list[tuple[float, int]] = []
+
+    def progress(rows: int, errors: int) -> None:
+        marks.append((time.perf_counter(), (marks[-1][1] if marks else 0) + rows))
+
     if engine == "ray":
         from offline.engines import ray as ray_engine
 
-        summary = ray_engine.run(job, shards, args.workers)
+        summary = ray_engine.run(job, shards, args.workers, progress=progress)
     else:
         from offline.engines import local
 
-        summary = local.run(job, shards, args.workers)
+        summary = local.run(job, shards, args.workers, progress)
     finish(job, shards, [summary])
     wall = time.perf_counter() - started
-    return (wall, *top1_from_parts(out))
+    steady = ((marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+              if len(marks) > 1 and marks[-1][0] > marks[0][0] else float("nan"))
+    return (wall, *top1_from_parts(out), steady)
 
 
 def marginal(label: str, run: Any, files: list[Path], note: str) -> Result:
     """Run on the first half of `files`, then on all: images/s from the difference (module docstring)."""
     half = files[: len(files) // 2]
-    wall_half, _, _ = run(half)
-    wall_all, top1, bodies = run(files)
+    wall_half, *_ = run(half)
+    wall_all, top1, bodies, *steady = run(files)
     extra = len(files) - len(half)
+    # nan when start-up varied by more than the half's run time (a busy host): the run says nothing then
     ips = extra / (wall_all - wall_half) if wall_all > wall_half else float("nan")
     return Result(label, len(files), ips, wall_all, top1, bodies,
-                  note=f"{note}; wall {wall_half:.1f} s for {len(half)}, {wall_all:.1f} s for {len(files)}")
+                  note=f"{note}; wall {wall_half:.1f} s for {len(half)}, {wall_all:.1f} s for {len(files)}",
+                  steady=steady[0] if steady else float("nan"))
 
 
 # -- (b): torchserve and a client --------------------------------------------------------------------
@@ -313,7 +332,8 @@ def agreement(result: Result, reference: Result) -> str:
 def report(runs: dict[str, list[Result]], args: argparse.Namespace) -> dict[str, Any]:
     """Per way: the median images/s over the rounds (each round listed), wall time, the
     ratio (a)/(x) against its target, and the accuracy contract checked against (a)'s last round."""
-    median = {key: statistics.median(r.ips for r in rs) for key, rs in runs.items()}
+    median = {key: _median(r.ips for r in rs) for key, rs in runs.items()}
+    steady = {key: _median(r.steady for r in rs) for key, rs in runs.items()}
     a = runs["a"][-1] if "a" in runs else None
     print(f"\nhost {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
           f"images/s = median of {args.rounds} round(s)")
@@ -322,6 +342,9 @@ def report(runs: dict[str, list[Result]], args: argparse.Namespace) -> dict[str,
     for key, rs in runs.items():
         r = rs[-1]
         ratio = median["a"] / median[key] if "a" in median and key != "a" and median[key] else None
+        ratio = None if ratio is not None and math.isnan(ratio) else ratio
+        steady_ratio = steady["a"] / median[key] if "a" in steady and key in ("b", "c") and median[key] else None
+        steady_ratio = None if steady_ratio is not None and math.isnan(steady_ratio) else steady_ratio
         walls = [x.wall_s for x in rs]
         e2e = statistics.median(x.wall_s for x in rs) / statistics.median(x.wall_s for x in runs["a"]) \
             if "a" in runs and key != "a" else None
@@ -330,16 +353,29 @@ def report(runs: dict[str, list[Result]], args: argparse.Namespace) -> dict[str,
         rounds = ", ".join(f"{x.ips:.1f}" for x in rs)
         print(f"{r.label:<30} {r.images:>6} {median[key]:>9.1f} {statistics.median(walls):>7.1f}  "
               f"{f'(a) = {ratio:.2f}x' if ratio else ''}{target}"
-              f"{f'; end to end (a) = {e2e:.2f}x' if e2e else ''}; {check}")
+              f"{f'; end to end (a) = {e2e:.2f}x' if e2e else ''}"
+              f"{f'; (a) steady = {steady_ratio:.2f}x' if steady_ratio else ''}; {check}")
         print(f"{'':<30} rounds: {rounds} images/s, {', '.join(f'{w:.1f}' for w in walls)} s; last: {r.note}")
+        if not math.isnan(steady[key]):
+            print(f"{'':<30} steady (start-up excluded): {steady[key]:.1f} images/s (rounds: "
+                  f"{', '.join(f'{x.steady:.1f}' for x in rs)})")
         rows.append({"way": key, "label": r.label, "images": r.images, "images_per_s": round(median[key], 1),
                      "rounds": [round(x.ips, 1) for x in rs], "wall_s": [round(x.wall_s, 1) for x in rs],
+                     "steady_images_per_s": None if math.isnan(steady[key]) else round(steady[key], 1),
+                     "steady_rounds": [round(x.steady, 1) for x in rs],
                      "a_over_this": round(ratio, 2) if ratio else None, "target": TARGETS.get(key),
+                     "a_steady_over_this": round(steady_ratio, 2) if steady_ratio else None,
                      "a_over_this_end_to_end": round(e2e, 2) if e2e else None,
                      "accuracy": check, "note": r.note})
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
             "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "args": vars(args) | {"workdir": None},
             "results": rows}
+
+
+def _median(values: Any) -> float:
+    """The median of the values that are numbers (nan: a round that measured nothing); nan if none."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return statistics.median(numbers) if numbers else float("nan")
 
 
 def parse_size(text: str) -> tuple[int, int]:
