@@ -37,7 +37,6 @@ token file is absent): the user's environment decides, this module does not swit
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -53,6 +52,7 @@ from typing import Any
 from handlers.extras import PACKAGE
 
 from ..job import JobError, JobSpec, JobSummary, Shard
+from ..shards import remove_partial
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,8 @@ def _collect(ray: ModuleType, slot: _Slot, todo: deque[Shard], books: _Books, pr
                            f"worker died {tries} times, last: {_first_line(exc)}") from None
         logger.warning("a Ray worker died running shard %d (%s); running it again (%d/%d)",
                        shard.index, _first_line(exc), tries, max_retries)
-        _remove_partial(books.job, shard)
+        if books.job is not None:  # its killed attempt may have left a temporary part
+            remove_partial(books.job, shard)
         todo.appendleft(shard)
         ray.kill(slot.actor, no_restart=True)
         return spawn()
@@ -322,18 +323,6 @@ def _collect(ray: ModuleType, slot: _Slot, todo: deque[Shard], books: _Books, pr
     books.summary.add(rows, errors)
     books.summary.shards_written += 1
     return None
-
-
-def _remove_partial(job: JobSpec | None, shard: Shard) -> None:
-    """Delete the temporary part a killed worker left mid-write (its own cleanup never ran): the
-    shard's `.part-NNNNN.parquet.*.tmp` in OUT/. Its final name was never written, so nothing else
-    is affected; a writer still alive somewhere would only fail its rename."""
-    if job is None:
-        return
-    target = job.part_path(shard.index)
-    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            leftover.unlink()
 
 
 def _poll(ray: ModuleType, busy: list[_Slot], books: _Books, progress: Progress | None) -> None:

@@ -236,6 +236,7 @@ def test_a_dead_workers_temporary_part_is_removed_before_its_shard_reruns(tmp_pa
     never runs; the kill test above hits this when the kill lands mid-write): the engine deletes that
     shard's temporaries, and only those, before the rerun."""
     from offline.job import JobSpec, Shard
+    from offline.shards import remove_partial
 
     job = JobSpec(archive="a.mar", archive_sha256="0" * 64, config={}, input_fingerprint="f", output=str(tmp_path),
                   batch_size=1, shard_size=1)
@@ -243,7 +244,7 @@ def test_a_dead_workers_temporary_part_is_removed_before_its_shard_reruns(tmp_pa
              ".part-00002.parquet.5.00000000.tmp"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    ray_engine._remove_partial(job, Shard(1, ()))
+    remove_partial(job, Shard(1, ()))  # what the engine calls before it reruns a dead worker's shard
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
 
 
